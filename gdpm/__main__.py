@@ -1,0 +1,3 @@
+from gdpm.cli import main
+
+main()

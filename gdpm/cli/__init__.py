@@ -1,0 +1,134 @@
+"""The ``gdpm`` command: one entry point for every role."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import typer
+
+from gdpm.cli.client import client_app
+from gdpm.common.keys import DEFAULT_NODE_TTL
+
+app = typer.Typer(
+    help="gdpm: a distributed process manager. Runs N instances of a shell command across slave nodes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(client_app, name="client")
+
+EtcdEndpointsOption = typer.Option(
+    "127.0.0.1:2379", "--etcd-endpoints", envvar="GDPM_ETCD_ENDPOINTS",
+    help="etcd client endpoints, comma-separated host:port.",
+)
+PrefixOption = typer.Option("/gdpm", "--prefix", envvar="GDPM_PREFIX", help="Prefix of every gdpm key in etcd.")
+LogLevelOption = typer.Option("info", "--log-level", envvar="GDPM_LOG_LEVEL", help="debug, info, warning or error.")
+LogJsonOption = typer.Option(False, "--log-json", envvar="GDPM_LOG_JSON", help="Write log lines as JSON.")
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "gdpm" / "slave"
+
+
+@app.command()
+def master(
+    host: str = typer.Option("127.0.0.1", "--host", envvar="GDPM_HOST", help="Address the HTTP API listens on."),
+    port: int = typer.Option(8989, "--port", envvar="GDPM_PORT", help="Port the HTTP API listens on."),
+    etcd_endpoints: str = EtcdEndpointsOption,
+    prefix: str = PrefixOption,
+    max_replicas: int = typer.Option(
+        1000, "--max-replicas", envvar="GDPM_MAX_REPLICAS", min=1,
+        help="Largest replica count one service may request.",
+    ),
+    log_level: str = LogLevelOption,
+    log_json: bool = LogJsonOption,
+) -> None:
+    """Run the master: the HTTP API and the scheduler."""
+    from gdpm.common.logs import configure_logging
+    from gdpm.master.server import MasterConfig, run_master
+
+    configure_logging("master", level=log_level, json_output=log_json)
+    config = MasterConfig(
+        host=host, port=port, etcd_endpoints=_endpoints_or_exit(etcd_endpoints),
+        prefix=prefix, max_replicas=max_replicas,
+    )
+    asyncio.run(run_master(config))
+
+
+@app.command()
+def slave(
+    master_url: str = typer.Option(
+        "http://127.0.0.1:8989", "--master", envvar="GDPM_MASTER", help="URL of the master's HTTP API.",
+    ),
+    etcd_endpoints: str = EtcdEndpointsOption,
+    prefix: str = PrefixOption,
+    state_dir: Path = typer.Option(
+        None, "--state-dir", envvar="GDPM_STATE_DIR",
+        help="Folder for the node id, instance logs and bookkeeping [default: ~/.local/state/gdpm/slave].",
+    ),
+    name: str = typer.Option(None, "--name", envvar="GDPM_NAME", help="Node name shown in tables [default: host name]."),
+    node_ttl: int = typer.Option(
+        DEFAULT_NODE_TTL, "--node-ttl", envvar="GDPM_NODE_TTL", min=2,
+        help="Seconds the node's lease lives without a refresh; the node is shown down after it.",
+    ),
+    stop_timeout: float = typer.Option(
+        10.0, "--stop-timeout", envvar="GDPM_STOP_TIMEOUT", min=0,
+        help="Seconds between SIGTERM and SIGKILL when an instance is stopped.",
+    ),
+    log_level: str = LogLevelOption,
+    log_json: bool = LogJsonOption,
+) -> None:
+    """Run a slave: register with the master and run the instances assigned to this node."""
+    import socket
+
+    from gdpm.common.logs import configure_logging
+    from gdpm.slave.agent import SlaveConfig, run_slave
+
+    configure_logging("slave", level=log_level, json_output=log_json)
+    config = SlaveConfig(
+        master_url=master_url.rstrip("/"),
+        etcd_endpoints=_endpoints_or_exit(etcd_endpoints),
+        prefix=prefix,
+        state_dir=(state_dir or _default_state_dir()).absolute(),
+        name=name or socket.gethostname(),
+        node_ttl=node_ttl,
+        stop_timeout=stop_timeout,
+    )
+    asyncio.run(run_slave(config))
+
+
+@app.command()
+def dev(
+    slaves: int = typer.Option(2, "--slaves", min=1, max=32, help="Number of slaves to start."),
+    port: int = typer.Option(8989, "--port", help="Port of the master's HTTP API."),
+    etcd_endpoints: str = EtcdEndpointsOption,
+    state_dir: Path = typer.Option(
+        None, "--state-dir", help="Folder for the slaves' state and the etcd data [default: a new temporary folder].",
+    ),
+) -> None:
+    """Run a whole local cluster in the foreground: etcd (when none answers), a master and slaves.
+
+    Ctrl-C stops everything, instances included.
+    """
+    from gdpm.dev import run_dev_cluster
+
+    raise typer.Exit(run_dev_cluster(
+        slaves=slaves, port=port, etcd_endpoints=_endpoints_or_exit(etcd_endpoints), state_dir=state_dir,
+    ))
+
+
+def _endpoints_or_exit(text: str) -> list[tuple[str, int]]:
+    from gdpm.common.etcd import EndpointError, parse_endpoints
+
+    try:
+        return parse_endpoints(text)
+    except EndpointError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    app()

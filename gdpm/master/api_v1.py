@@ -1,0 +1,161 @@
+"""The versioned JSON API under ``/api/v1``, used by the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gdpm.common.models import InstanceRecord, InstanceState, NodeInfo, ServiceSpec
+from gdpm.master.errors import not_found
+from gdpm.master.inputs import (
+    parse_command,
+    parse_node_name,
+    parse_optional_id,
+    parse_replicas,
+    read_json_object,
+    reject_unknown_fields,
+)
+from gdpm.master.operations import Operations
+from gdpm.master.view import ClusterView
+
+routes = web.RouteTableDef()
+
+
+def _view(request: web.Request) -> ClusterView:
+    return request.app["view"]
+
+
+def _operations(request: web.Request) -> Operations:
+    return request.app["operations"]
+
+
+# -- JSON shapes -------------------------------------------------------------------
+
+
+def node_json(view: ClusterView, node: NodeInfo, *, with_instances: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": node.id,
+        "name": node.name,
+        "state": view.node_state(node.id).value,
+        "registered_at": node.registered_at.isoformat(),
+    }
+    if with_instances:
+        body["instances"] = [instance_json(view, record) for record in view.node_instances(node.id)]
+    else:
+        body["instances"] = len(view.placed.get(node.id, ()))
+    return body
+
+
+def service_json(view: ClusterView, spec: ServiceSpec, *, with_instances: bool = False) -> dict[str, Any]:
+    counts = view.count_states(spec.id)
+    body: dict[str, Any] = {
+        "id": spec.id,
+        "command": spec.command,
+        "replicas": spec.replicas,
+        "created_at": spec.created_at.isoformat(),
+        "running": counts[InstanceState.RUNNING],
+        # Slots the scheduler has not created yet count as pending too.
+        "pending": counts[InstanceState.PENDING] + max(0, spec.replicas - sum(counts.values())),
+    }
+    if with_instances:
+        body["instances"] = [instance_json(view, record) for record in view.service_instances(spec.id)]
+    return body
+
+
+def instance_json(view: ClusterView, record: InstanceRecord) -> dict[str, Any]:
+    status = view.instance_status(record)
+    return {
+        "id": record.id,
+        "service_id": record.service_id,
+        "index": record.index,
+        "node_id": record.node_id,
+        "state": view.instance_state(record).value,
+        "pid": status.pid if status else None,
+        "exit_code": status.exit_code if status else None,
+        "exit_signal": status.exit_signal if status else None,
+        "restarts": status.restarts if status else 0,
+        "started_at": _iso(status.started_at) if status else None,
+        "exited_at": _iso(status.exited_at) if status else None,
+    }
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _service_or_404(request: web.Request) -> ServiceSpec:
+    service_id = request.match_info["service_id"]
+    spec = _view(request).services.get(service_id)
+    if spec is None:
+        raise not_found("service", service_id)
+    return spec
+
+
+# -- routes ------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    view = _view(request)
+    nodes = sorted(view.nodes.values(), key=lambda node: (node.registered_at, node.id))
+    return web.json_response({"nodes": [node_json(view, node) for node in nodes]})
+
+
+@routes.get("/api/v1/nodes/{node_id}")
+async def get_node(request: web.Request) -> web.Response:
+    view = _view(request)
+    node_id = request.match_info["node_id"]
+    node = view.nodes.get(node_id)
+    if node is None:
+        raise not_found("node", node_id)
+    return web.json_response(node_json(view, node, with_instances=True))
+
+
+@routes.post("/api/v1/nodes/register")
+async def register_node(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    reject_unknown_fields(body, {"name", "node_id"})
+    name = parse_node_name(body.get("name"))
+    node_id = parse_optional_id(body.get("node_id"), "node_id")
+    node = await _operations(request).register_node(name, node_id)
+    return web.json_response(node_json(_view(request), node))
+
+
+@routes.get("/api/v1/services")
+async def list_services(request: web.Request) -> web.Response:
+    view = _view(request)
+    specs = sorted(view.services.values(), key=lambda spec: (spec.created_at, spec.id))
+    return web.json_response({"services": [service_json(view, spec) for spec in specs]})
+
+
+@routes.post("/api/v1/services")
+async def create_service(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    reject_unknown_fields(body, {"command", "replicas"})
+    command = parse_command(body.get("command"))
+    replicas = parse_replicas(body.get("replicas", 1), request.app["max_replicas"])
+    spec = await _operations(request).create_service(command, replicas)
+    return web.json_response(service_json(_view(request), spec, with_instances=True), status=201)
+
+
+@routes.get("/api/v1/services/{service_id}")
+async def get_service(request: web.Request) -> web.Response:
+    spec = _service_or_404(request)
+    return web.json_response(service_json(_view(request), spec, with_instances=True))
+
+
+@routes.patch("/api/v1/services/{service_id}")
+async def update_service(request: web.Request) -> web.Response:
+    _service_or_404(request)
+    body = await read_json_object(request)
+    reject_unknown_fields(body, {"replicas"})
+    replicas = parse_replicas(body.get("replicas"), request.app["max_replicas"])
+    spec = await _operations(request).scale_service(request.match_info["service_id"], replicas)
+    return web.json_response(service_json(_view(request), spec, with_instances=True))
+
+
+@routes.delete("/api/v1/services/{service_id}")
+async def delete_service(request: web.Request) -> web.Response:
+    await _operations(request).delete_service(_service_or_404(request).id)
+    return web.Response(status=204)

@@ -1,0 +1,96 @@
+"""Changes to the desired state, shared by the v1 API and the Go-compatible routes.
+
+Each operation is one etcd transaction. It returns once the master's view contains
+the change, so a read right after a write sees it.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import structlog
+
+from gdpm.common.etcd import Etcd, PrefixMirror
+from gdpm.common.keys import KeyLayout
+from gdpm.common.models import NodeInfo, ServiceSpec, utc_now
+from gdpm.master.errors import ApiError, not_found
+from gdpm.master.view import ClusterView
+
+log = structlog.get_logger("gdpm.master")
+
+# Attempts to draw an unused random id before giving up.
+_ID_ATTEMPTS = 8
+
+
+def new_id() -> str:
+    return secrets.token_hex(4)
+
+
+class Operations:
+    def __init__(self, etcd: Etcd, keys: KeyLayout, view: ClusterView, mirror: PrefixMirror) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.view = view
+        self.mirror = mirror
+
+    async def create_service(self, command: str, replicas: int) -> ServiceSpec:
+        ops = self.etcd.ops
+        for _ in range(_ID_ATTEMPTS):
+            spec = ServiceSpec(id=new_id(), command=command, replicas=replicas, created_at=utc_now())
+            key = self.keys.service(spec.id)
+            created, revision = await self.etcd.txn([ops.version(key) == 0], [ops.put(key, spec.to_json())])
+            if created:
+                await self.mirror.wait_for_revision(revision)
+                log.info("service created", service_id=spec.id, replicas=replicas, command=command)
+                return spec
+        raise ApiError(409, "could not allocate a service id; retry")
+
+    async def scale_service(self, service_id: str, replicas: int) -> ServiceSpec:
+        spec = self.view.services.get(service_id)
+        if spec is None:
+            raise not_found("service", service_id)
+        updated = spec.model_copy(update={"replicas": replicas})
+        key = self.keys.service(service_id)
+        ops = self.etcd.ops
+        done, revision = await self.etcd.txn([ops.version(key) > 0], [ops.put(key, updated.to_json())])
+        if not done:
+            raise not_found("service", service_id)
+        await self.mirror.wait_for_revision(revision)
+        log.info("service scaled", service_id=service_id, replicas=replicas, previous=spec.replicas)
+        return updated
+
+    async def delete_service(self, service_id: str) -> None:
+        """Delete the desired state; the scheduler then removes the instances."""
+        key = self.keys.service(service_id)
+        ops = self.etcd.ops
+        done, revision = await self.etcd.txn([ops.version(key) > 0], [ops.delete(key)])
+        if not done:
+            raise not_found("service", service_id)
+        await self.mirror.wait_for_revision(revision)
+        log.info("service deleted", service_id=service_id)
+
+    async def register_node(self, name: str, node_id: str | None) -> NodeInfo:
+        """Register a slave, or re-register it under the id it kept from an earlier run.
+
+        A known id keeps its registration time. An id that etcd does not know (its
+        data was wiped) is registered again as given, so the slave keeps its identity.
+        """
+        if node_id is not None:
+            known = self.view.nodes.get(node_id)
+            node = NodeInfo(id=node_id, name=name,
+                            registered_at=known.registered_at if known else utc_now())
+            _, revision = await self.etcd.txn([], [self.etcd.ops.put(self.keys.node(node_id), node.to_json())])
+            await self.mirror.wait_for_revision(revision)
+            log.info("node registered again", node_id=node_id, name=name, known=known is not None)
+            return node
+
+        ops = self.etcd.ops
+        for _ in range(_ID_ATTEMPTS):
+            node = NodeInfo(id=new_id(), name=name, registered_at=utc_now())
+            key = self.keys.node(node.id)
+            created, revision = await self.etcd.txn([ops.version(key) == 0], [ops.put(key, node.to_json())])
+            if created:
+                await self.mirror.wait_for_revision(revision)
+                log.info("node registered", node_id=node.id, name=name)
+                return node
+        raise ApiError(409, "could not allocate a node id; retry")

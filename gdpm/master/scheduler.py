@@ -1,0 +1,157 @@
+"""The scheduler: reconciles desired services with instance records in etcd.
+
+It runs as one task in the master. Each round takes the services whose keys changed
+since the last round, plans them (:mod:`gdpm.master.placement`) and writes the plan in
+transactions of up to :data:`~gdpm.common.keys.MAX_TXN_OPS` operations. Every write is
+conditional on the instance key being as the plan saw it, so a stale view can make a
+transaction fail but never place a slot twice. After a round the scheduler waits until
+its own writes are back in the view, so the next round plans from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from gdpm.common.etcd import UNAVAILABLE_ERRORS, Etcd, PrefixMirror
+from gdpm.common.keys import MAX_TXN_OPS, KeyLayout
+from gdpm.common.models import Assignment, InstanceRecord, ServiceSpec, utc_now
+from gdpm.master.placement import NodePicker, ServicePlan, plan_service
+from gdpm.master.view import ClusterView
+
+log = structlog.get_logger("gdpm.master.scheduler")
+
+
+@dataclass
+class _Write:
+    """One instance's change: its conditions and operations, kept in one transaction."""
+
+    service_id: str
+    compare: list
+    success: list
+
+
+class Scheduler:
+    def __init__(self, view: ClusterView, mirror: PrefixMirror, etcd: Etcd, keys: KeyLayout) -> None:
+        self.view = view
+        self.mirror = mirror
+        self.etcd = etcd
+        self.keys = keys
+        self.rounds = 0
+
+    async def run(self) -> None:
+        """Reconcile whenever the view changes, until cancelled."""
+        await self.mirror.loaded.wait()
+        retry_delay = 0.2
+        while True:
+            await self.view.changed.wait()
+            self.view.changed.clear()
+            dirty, self.view.dirty_services = self.view.dirty_services, set()
+            if not dirty:
+                continue
+            try:
+                await self.reconcile(dirty)
+                retry_delay = 0.2
+            except UNAVAILABLE_ERRORS as error:
+                log.warning("reconcile failed, retrying", error=str(error) or type(error).__name__,
+                            retry_in=retry_delay)
+                self.view.dirty_services |= dirty
+                await asyncio.sleep(retry_delay)
+                retry_delay = min(retry_delay * 2, 5.0)
+                self.view.changed.set()
+
+    async def reconcile(self, service_ids: set[str]) -> None:
+        """Plan and write one round for the given services."""
+        self.rounds += 1
+        picker = NodePicker(
+            sorted(self.view.alive & self.view.nodes.keys()),
+            {node_id: len(placed) for node_id, placed in self.view.placed.items()},
+        )
+        now = utc_now()
+        writes: list[_Write] = []
+        for service_id in sorted(service_ids):
+            spec = self.view.services.get(service_id)
+            records = self.view.instances.get(service_id, {})
+            plan = plan_service(service_id, spec, records, picker, now)
+            if plan:
+                self._log_plan(service_id, plan)
+                writes += self._writes_for(service_id, spec, plan)
+        if writes:
+            await self._commit(writes)
+
+    def _writes_for(self, service_id: str, spec: ServiceSpec | None, plan: ServicePlan) -> list[_Write]:
+        ops = self.etcd.ops
+        writes = []
+        for record in plan.create:
+            key = self.keys.instance(service_id, record.id)
+            success = [ops.put(key, record.to_json())]
+            if record.node_id is not None:
+                success.append(self._put_assignment(spec, record))
+            writes.append(_Write(service_id, [ops.version(key) == 0], success))
+        for old, new in plan.place:
+            key = self.keys.instance(service_id, old.id)
+            success = [ops.put(key, new.to_json()), self._put_assignment(spec, new)]
+            writes.append(_Write(service_id, [ops.value(key) == old.to_json()], success))
+        for record in plan.remove:
+            success = [ops.delete(self.keys.instance(service_id, record.id))]
+            if record.node_id is not None:
+                success.append(ops.delete(self.keys.assignment(record.node_id, record.id)))
+            writes.append(_Write(service_id, [], success))
+        return writes
+
+    def _put_assignment(self, spec: ServiceSpec | None, record: InstanceRecord):
+        assert spec is not None and record.node_id is not None
+        assignment = Assignment(
+            instance_id=record.id, service_id=record.service_id,
+            index=record.index, command=spec.command,
+        )
+        return self.etcd.ops.put(self.keys.assignment(record.node_id, record.id), assignment.to_json())
+
+    async def _commit(self, writes: list[_Write]) -> None:
+        """Write in batches; a batch whose conditions fail is planned again next round."""
+        revision = 0
+        for batch in _batches(writes):
+            compare = [condition for write in batch for condition in write.compare]
+            success = [operation for write in batch for operation in write.success]
+            succeeded, batch_revision = await self.etcd.txn(compare, success)
+            if succeeded:
+                revision = batch_revision
+            else:
+                stale = {write.service_id for write in batch}
+                log.info("placement conflict, replanning", service_ids=sorted(stale))
+                self.view.dirty_services |= stale
+                self.view.changed.set()
+        if revision:
+            await self.mirror.wait_for_revision(revision)
+
+    def _log_plan(self, service_id: str, plan: ServicePlan) -> None:
+        placed = [record for record in plan.create if record.node_id] + [new for _, new in plan.place]
+        pending = sum(1 for record in plan.create if record.node_id is None)
+        if placed:
+            log.info("instances placed", service_id=service_id, count=len(placed),
+                     nodes=sorted({record.node_id for record in placed}))
+        if pending:
+            log.info("instances pending, no ready node", service_id=service_id, count=pending)
+        if plan.remove:
+            log.info("instances removed", service_id=service_id, count=len(plan.remove))
+
+
+def _batches(writes: list[_Write]) -> list[list[_Write]]:
+    """Group writes so that no transaction exceeds etcd's operation limit."""
+    batches: list[list[_Write]] = []
+    current: list[_Write] = []
+    compares = operations = 0
+    for write in writes:
+        too_many = (compares + len(write.compare) > MAX_TXN_OPS
+                    or operations + len(write.success) > MAX_TXN_OPS)
+        if current and too_many:
+            batches.append(current)
+            current, compares, operations = [], 0, 0
+        current.append(write)
+        compares += len(write.compare)
+        operations += len(write.success)
+    if current:
+        batches.append(current)
+    return batches

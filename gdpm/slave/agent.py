@@ -1,0 +1,261 @@
+"""The slave process: registers its node, keeps its lease, and runs its assignments.
+
+Start-up goes in steps: read or receive the node id, grant a lease and mark the node
+alive, then mirror ``assignments/{node_id}/`` and start what it contains. From then on
+each change to that prefix starts or stops one instance. SIGTERM or SIGINT stops every
+instance, revokes the lease and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import aetcd.exceptions
+import aiohttp
+import pydantic
+import structlog
+
+from gdpm.common.etcd import Change, Etcd, PrefixMirror
+from gdpm.common.keys import KeyLayout
+from gdpm.common.models import Assignment
+from gdpm.common.tasks import cancel_and_wait, start_task
+from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
+from gdpm.slave.status import StatusWriter
+
+log = structlog.get_logger("gdpm.slave")
+
+# Seconds to wait for the statuses of stopped instances to reach etcd at shutdown.
+SHUTDOWN_FLUSH_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class SlaveConfig:
+    master_url: str
+    etcd_endpoints: list[tuple[str, int]]
+    prefix: str
+    state_dir: Path
+    name: str
+    node_ttl: int
+    stop_timeout: float
+
+
+class Slave:
+    def __init__(self, config: SlaveConfig) -> None:
+        self.config = config
+        self.keys = KeyLayout(config.prefix)
+        self.etcd = Etcd(config.etcd_endpoints)
+        self.node_id = ""
+        self.lease: aetcd.Lease | None = None
+        self.runners: dict[str, InstanceRunner] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        # Assignments that arrived while the previous run of the same instance was stopping.
+        self.queued: dict[str, Assignment] = {}
+        self.status_writer: StatusWriter | None = None
+        self.settings: RunSettings | None = None
+
+    # -- start-up ----------------------------------------------------------------------
+
+    async def register(self) -> None:
+        """Get a node id from the master, keeping the one saved by an earlier run."""
+        id_file = self.config.state_dir / "node_id"
+        saved_id = id_file.read_text().strip() if id_file.exists() else None
+        body = {"name": self.config.name, "node_id": saved_id}
+        url = f"{self.config.master_url}/api/v1/nodes/register"
+        node = await _post_with_retry(url, body)
+        self.node_id = node["id"]
+        if self.node_id != saved_id:
+            id_file.write_text(self.node_id + "\n")
+        structlog.contextvars.bind_contextvars(node_id=self.node_id)
+        log.info("registered", name=self.config.name, rejoined=saved_id == self.node_id)
+
+    async def grant_lease(self) -> None:
+        """Grant a new lease and tie the node's alive key to it."""
+        self.lease = await self.etcd.client.lease(self.config.node_ttl)
+        await self.etcd.client.put(self.keys.alive(self.node_id), self.config.name.encode(), lease=self.lease)
+        if self.status_writer is not None:
+            self.status_writer.lease_id = self.lease.id
+            self.status_writer.republish_all({iid: runner.status() for iid, runner in self.runners.items()})
+        log.info("lease granted", lease_id=self.lease.id, ttl=self.config.node_ttl)
+
+    async def keep_lease(self) -> None:
+        """Refresh the lease three times per TTL; grant a new one if it expired."""
+        interval = self.config.node_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await self.lease.refresh()
+                if reply is None or reply.TTL <= 0:
+                    log.warning("lease expired, granting a new one", lease_id=self.lease.id)
+                    await self.grant_lease()
+            except aetcd.exceptions.ClientError as error:
+                log.warning("lease refresh failed", error=str(error) or type(error).__name__)
+
+    # -- assignments -------------------------------------------------------------------
+
+    def on_assignment_changes(self, changes: list[Change]) -> None:
+        for change in changes:
+            instance_id = change.key.rsplit(b"/", 1)[-1].decode(errors="replace")
+            if change.value is None:
+                self.queued.pop(instance_id, None)
+                self._stop(instance_id)
+                continue
+            try:
+                assignment = Assignment.model_validate_json(change.value)
+            except pydantic.ValidationError as error:
+                log.error("invalid assignment, ignored", instance_id=instance_id,
+                          error=str(error).splitlines()[0])
+                continue
+            self._ensure_running(assignment)
+
+    def _ensure_running(self, assignment: Assignment) -> None:
+        runner = self.runners.get(assignment.instance_id)
+        if runner is not None and not runner.stopping:
+            return
+        if runner is not None:
+            self.queued[assignment.instance_id] = assignment
+            return
+        self._start(assignment)
+
+    def _start(self, assignment: Assignment) -> None:
+        runner = InstanceRunner(assignment, self.settings, self._publish)
+        self.runners[assignment.instance_id] = runner
+        task = start_task(runner.run(), name=f"instance-{assignment.instance_id}",
+                          instance_id=assignment.instance_id)
+        task.add_done_callback(lambda _: self._on_runner_done(runner))
+        self.tasks[assignment.instance_id] = task
+
+    def _stop(self, instance_id: str) -> None:
+        runner = self.runners.get(instance_id)
+        if runner is not None:
+            runner.request_stop()
+
+    def _on_runner_done(self, runner: InstanceRunner) -> None:
+        instance_id = runner.instance_id
+        if self.runners.get(instance_id) is runner:
+            del self.runners[instance_id]
+            self.tasks.pop(instance_id, None)
+        queued = self.queued.pop(instance_id, None)
+        if queued is not None:
+            self._start(queued)
+        else:
+            self.status_writer.publish(instance_id, None)
+
+    def _publish(self, status) -> None:
+        self.status_writer.publish(status.instance_id, status)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def stop_all(self) -> None:
+        """Stop every instance in parallel and wait for them (shielded from cancellation)."""
+        self.queued.clear()
+        for runner in list(self.runners.values()):
+            runner.request_stop()
+        tasks = list(self.tasks.values())
+        if tasks:
+            log.info("stopping instances", count=len(tasks))
+            await asyncio.wait(tasks, timeout=self.config.stop_timeout + 10)
+
+
+async def _post_with_retry(url: str, body: dict) -> dict:
+    """POST until the master answers; a 4xx is final, anything else is retried."""
+    delay = 0.2
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            try:
+                async with session.post(url, json=body) as response:
+                    if response.status < 400:
+                        return await response.json()
+                    text = await response.text()
+                    if response.status < 500:
+                        raise SystemExit(f"registration rejected by the master at {url}: HTTP {response.status}: {text.strip()}")
+                    reason = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as error:
+                reason = str(error) or type(error).__name__
+            log.warning("master unreachable, retrying registration", url=url, error=reason, retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def run_slave(config: SlaveConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop every instance and exit."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = config.state_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    slave = Slave(config)
+    tasks: list[asyncio.Task] = []
+    try:
+        await _until_stopped(stop, slave.register())
+        if stop.is_set():
+            return
+        slave.settings = RunSettings(node_id=slave.node_id, log_dir=log_dir,
+                                     stop_timeout=config.stop_timeout, base_env=slave_environment())
+        slave.status_writer = StatusWriter(slave.etcd, slave.keys, slave.node_id)
+        await _until_stopped(stop, _retry_etcd(slave.grant_lease))
+        if stop.is_set():
+            return
+        mirror = PrefixMirror(slave.etcd, slave.keys.assignments_of(slave.node_id),
+                              slave.on_assignment_changes, name="assignments")
+        tasks += [
+            start_task(slave.status_writer.run(), name="status-writer"),
+            start_task(slave.keep_lease(), name="lease-keeper"),
+            start_task(mirror.run(), name="assignment-watch"),
+        ]
+        log.info("slave started", state_dir=str(config.state_dir))
+        await stop.wait()
+    finally:
+        await asyncio.shield(_shutdown(slave, tasks))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _shutdown(slave: Slave, tasks: list[asyncio.Task]) -> None:
+    """Stop instances, flush their last statuses, revoke the lease, close etcd."""
+    watch_and_lease = [task for task in tasks if task.get_name() != "status-writer"]
+    await cancel_and_wait(*watch_and_lease)
+    await slave.stop_all()
+    if slave.status_writer is not None:
+        try:
+            await slave.status_writer.flushed(SHUTDOWN_FLUSH_TIMEOUT)
+        except TimeoutError:
+            log.warning("statuses not flushed before shutdown")
+    await cancel_and_wait(*tasks)
+    if slave.lease is not None:
+        try:
+            await slave.lease.revoke()
+        except aetcd.exceptions.ClientError as error:
+            log.warning("lease revoke failed", error=str(error) or type(error).__name__)
+    await slave.etcd.close()
+    log.info("slave stopped", node_id=slave.node_id)
+
+
+async def _retry_etcd(operation) -> None:
+    delay = 0.2
+    while True:
+        try:
+            return await operation()
+        except aetcd.exceptions.ClientError as error:
+            log.warning("etcd unavailable, retrying", error=str(error) or type(error).__name__, retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _until_stopped(stop: asyncio.Event, coroutine) -> None:
+    """Run ``coroutine`` unless ``stop`` is set first, in which case cancel it."""
+    work = asyncio.ensure_future(coroutine)
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([work, waiter], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if not work.done():
+        await cancel_and_wait(work)
+        return
+    work.result()

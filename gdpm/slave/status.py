@@ -1,0 +1,84 @@
+"""Batched writes of instance statuses to etcd, tied to the slave's lease."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aetcd.exceptions
+import structlog
+
+from gdpm.common.etcd import Etcd
+from gdpm.common.keys import KeyLayout
+from gdpm.common.models import InstanceStatus
+
+log = structlog.get_logger("gdpm.slave.status")
+
+
+class StatusWriter:
+    """Coalesces status changes and writes them in transactions.
+
+    Only the latest status of each instance is written, so an instance that goes from
+    starting to running between two flushes costs one put. A status of None deletes
+    the key. Writes that fail are kept and retried, unless a newer status replaced them.
+    """
+
+    def __init__(self, etcd: Etcd, keys: KeyLayout, node_id: str) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.node_id = node_id
+        self.lease_id: int | None = None
+        self._pending: dict[str, InstanceStatus | None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def publish(self, instance_id: str, status: InstanceStatus | None) -> None:
+        self._pending[instance_id] = status
+        self._idle.clear()
+        self._wake.set()
+
+    def republish_all(self, statuses: dict[str, InstanceStatus]) -> None:
+        """Queue every status again, as after a new lease whose keys are all gone."""
+        for instance_id, status in statuses.items():
+            self._pending.setdefault(instance_id, status)
+        if self._pending:
+            self._idle.clear()
+            self._wake.set()
+
+    async def flushed(self, timeout: float) -> None:
+        """Wait until every queued status is written, at most ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
+
+    async def run(self) -> None:
+        retry_delay = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, {}
+            try:
+                await self.etcd.apply_in_batches(self._operations(batch))
+                retry_delay = 0.1
+            # A lost lease also lands here ("requested lease not found"); the agent
+            # then grants a new one and the retry succeeds.
+            except aetcd.exceptions.ClientError as error:
+                log.warning("status write failed, retrying", count=len(batch),
+                            error=str(error) or type(error).__name__, retry_in=retry_delay)
+                for instance_id, status in batch.items():
+                    self._pending.setdefault(instance_id, status)
+                await asyncio.sleep(retry_delay)
+                retry_delay = min(retry_delay * 2, 2.0)
+                self._wake.set()
+            if not self._pending:
+                self._idle.set()
+
+    def _operations(self, batch: dict[str, InstanceStatus | None]) -> list:
+        ops = self.etcd.ops
+        operations = []
+        for instance_id, status in batch.items():
+            key = self.keys.status(self.node_id, instance_id)
+            if status is None:
+                operations.append(ops.delete(key))
+            else:
+                operations.append(ops.put(key, status.to_json(), lease=self.lease_id))
+        return operations

@@ -1,0 +1,367 @@
+"""``gdpm client``: list, create, scale and delete services through the master's HTTP API.
+
+Each command sends one request to ``/api/v1`` and prints the result as a table or, with
+``-o json``, as the JSON the API returned. Every failure ends the command with one
+``error: ...`` line on stderr: exit status 1 for a failed request, 2 for invalid input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import aiohttp
+import typer
+from rich.console import Console
+from yarl import URL
+
+from gdpm.cli import render
+
+DEFAULT_MASTER_URL = "http://127.0.0.1:8989"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+NODES_PATH = "/api/v1/nodes"
+SERVICES_PATH = "/api/v1/services"
+
+# Characters of an unexpected response body quoted in an error line.
+BODY_EXCERPT_LENGTH = 200
+
+START_HINT = "start one with 'gdpm master' or set --master/GDPM_MASTER"
+
+
+class OutputFormat(str, enum.Enum):
+    TABLE = "table"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The global options of ``gdpm client``, shared with its sub-commands through the context."""
+
+    master_url: str
+    output: OutputFormat
+    timeout: float
+
+
+client_app = typer.Typer(
+    help="Query and change the cluster through the master's HTTP API.",
+    no_args_is_help=True,
+)
+get_app = typer.Typer(help="Show nodes and services.", no_args_is_help=True)
+client_app.add_typer(get_app, name="get")
+
+
+@client_app.callback()
+def client_options(
+    ctx: typer.Context,
+    master: str = typer.Option(
+        DEFAULT_MASTER_URL, "--master", envvar="GDPM_MASTER", help="URL of the master's HTTP API.",
+    ),
+    output: OutputFormat = typer.Option(
+        OutputFormat.TABLE, "-o", "--output", case_sensitive=False,
+        help="Print tables, or the API's JSON as returned.",
+    ),
+    timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_SECONDS, "--timeout", envvar="GDPM_TIMEOUT", min=0.1,
+        help="Seconds to wait for each request to the master.",
+    ),
+) -> None:
+    """Query and change the cluster through the master's HTTP API."""
+    ctx.obj = ClientSettings(master_url=master, output=output, timeout=timeout)
+
+
+# -- the HTTP client -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    reason: str
+    content_type: str
+    body: bytes
+
+
+class MasterClient:
+    """Sends requests to the master's API and turns every failure into one error line and an exit."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.base_url = _base_url_or_exit(settings.master_url)
+        self.timeout = settings.timeout
+
+    def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        """Send one request and return its decoded JSON body, or None for an empty 2xx body.
+
+        Exits with status 1 when the master cannot be reached, does not respond in
+        time, returns an HTTP error, or returns a body that is not JSON. Exits with
+        status 2 when aiohttp rejects the master URL.
+        """
+        try:
+            response = asyncio.run(self._send(method, path, payload))
+        except TimeoutError:
+            # aiohttp's ServerTimeoutError and ConnectionTimeoutError are TimeoutErrors too.
+            _fail(
+                f"{method} {path} to the master at {self.base_url} timed out after {self.timeout:g} s "
+                "(check that the master is running, or raise --timeout)"
+            )
+        except aiohttp.ClientConnectorError as error:
+            _fail(f"cannot reach the master at {self.base_url}: {_connect_failure_reason(error)} ({START_HINT})")
+        except aiohttp.InvalidURL as error:
+            _fail(f"invalid master URL {str(error.url)!r}: expected http://HOST:PORT, such as {DEFAULT_MASTER_URL}", 2)
+        except aiohttp.ClientError as error:
+            _fail(f"{method} {path} to the master at {self.base_url} failed: {_describe(error)}")
+        return self._decode(method, path, response)
+
+    def expect_object(self, method: str, path: str, body: Any) -> dict[str, Any]:
+        """Return the body when it is a JSON object, or exit with status 1."""
+        if not isinstance(body, dict):
+            self.fail_unexpected(method, path, f"expected a JSON object, got {_json_type(body)}")
+        return body
+
+    def expect_list(self, method: str, path: str, body: Any, field: str) -> list[dict[str, Any]]:
+        """Return ``body[field]`` when it is a list of JSON objects, or exit with status 1."""
+        items = self.expect_object(method, path, body).get(field)
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            self.fail_unexpected(method, path, f"expected a JSON object with a {field!r} list of objects")
+        return items
+
+    def fail_unexpected(self, method: str, path: str, detail: str) -> NoReturn:
+        _fail(
+            f"unexpected response from the master at {self.base_url} to {method} {path}: {detail} "
+            "(is --master the URL of a gdpm master?)"
+        )
+
+    async def _send(self, method: str, path: str, payload: dict[str, Any] | None) -> _Response:
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.request(
+                method, self.base_url + path, json=payload, headers={"Accept": "application/json"},
+            ) as response:
+                body = await response.read()
+                return _Response(response.status, response.reason or "", response.content_type, body)
+
+    def _decode(self, method: str, path: str, response: _Response) -> Any:
+        if response.status >= 400:
+            message = _api_error_message(response.body)
+            if message is not None:
+                _fail(f"{message} (HTTP {response.status})")
+            _fail(
+                f"the master at {self.base_url} returned HTTP {response.status} {response.reason} "
+                f"to {method} {path}{_excerpt_suffix(response.body)}"
+            )
+        if not 200 <= response.status < 300:
+            self.fail_unexpected(method, path, f"HTTP {response.status} {response.reason}")
+        if not response.body.strip():
+            return None
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            self.fail_unexpected(
+                method, path,
+                f"the body is not JSON (HTTP {response.status}, {response.content_type})"
+                f"{_excerpt_suffix(response.body)}",
+            )
+
+
+def _base_url_or_exit(master_url: str) -> str:
+    """Return the master URL without a trailing slash, or exit with status 2 if it is not an http(s) URL."""
+    try:
+        url = URL(master_url.strip())
+    except ValueError as error:
+        _fail(f"invalid master URL {master_url!r}: {error}; expected http://HOST:PORT, such as {DEFAULT_MASTER_URL}", 2)
+    if url.scheme not in ("http", "https") or not url.host:
+        _fail(f"invalid master URL {master_url!r}: expected http://HOST:PORT, such as {DEFAULT_MASTER_URL}", 2)
+    return str(url.with_query(None).with_fragment(None)).rstrip("/")
+
+
+def _connect_failure_reason(error: aiohttp.ClientConnectorError) -> str:
+    os_error = error.os_error
+    if isinstance(os_error, socket.gaierror):
+        return f"cannot resolve host {error.host!r}: {os_error.strerror or os_error}"
+    # asyncio reports a refused connection as "Connect call failed ('127.0.0.1', 8989)",
+    # so the errno's text ("Connection refused") is clearer.
+    if os_error.errno and os_error.errno > 0:
+        return os.strerror(os_error.errno)
+    return str(os_error) or type(os_error).__name__
+
+
+def _describe(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _api_error_message(body: bytes) -> str | None:
+    """Return the message of an ``{"error": {"code", "message"}}`` body, or None for any other body."""
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return None
+    error = decoded.get("error") if isinstance(decoded, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        return None
+    return " ".join(message.split())
+
+
+def _excerpt_suffix(body: bytes) -> str:
+    text = " ".join(body.decode("utf-8", errors="replace").split())
+    if not text:
+        return ""
+    if len(text) > BODY_EXCERPT_LENGTH:
+        text = text[:BODY_EXCERPT_LENGTH] + "..."
+    return f": {text}"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "an empty body or null"
+    if isinstance(value, list):
+        return "a JSON array"
+    return f"a JSON {type(value).__name__}"
+
+
+def _fail(message: str, exit_code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(exit_code)
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _settings(ctx: typer.Context) -> ClientSettings:
+    settings = ctx.find_object(ClientSettings)
+    if settings is None:
+        raise RuntimeError("gdpm client sub-command invoked without the client options")
+    return settings
+
+
+def _print_result(settings: ClientSettings, body: Any, print_table: Callable[[Console, datetime], None]) -> None:
+    """Print the API's JSON with ``-o json``, or call ``print_table`` with a console and the current time."""
+    if settings.output is OutputFormat.JSON:
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    print_table(render.make_console(), datetime.now(timezone.utc))
+
+
+def _item_path(collection: str, item_id: str) -> str:
+    # quote() with safe="" escapes "/" too, so an id always stays one path segment.
+    return f"{collection}/{quote(item_id, safe='')}"
+
+
+def _validate_id(value: str) -> str:
+    if not value.strip():
+        raise typer.BadParameter("must not be empty")
+    return value
+
+
+def _id_argument(kind: str) -> Any:
+    return typer.Argument(..., metavar="ID", callback=_validate_id, help=f"Id of the {kind}.")
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+@get_app.command("nodes")
+def get_nodes(ctx: typer.Context) -> None:
+    """List the registered nodes with their state and instance count."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    body = client.request("GET", NODES_PATH)
+    nodes = client.expect_list("GET", NODES_PATH, body, "nodes")
+    _print_result(settings, body, lambda console, now: render.print_nodes(console, nodes, now))
+
+
+@get_app.command("node")
+def get_node(ctx: typer.Context, node_id: str = _id_argument("node")) -> None:
+    """Show a node and the instances placed on it."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    path = _item_path(NODES_PATH, node_id)
+    node = client.expect_object("GET", path, client.request("GET", path))
+    _print_result(settings, node, lambda console, now: render.print_node(console, node, now))
+
+
+@get_app.command("services")
+def get_services(ctx: typer.Context) -> None:
+    """List the services with their replica counts."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    body = client.request("GET", SERVICES_PATH)
+    services = client.expect_list("GET", SERVICES_PATH, body, "services")
+    _print_result(settings, body, lambda console, now: render.print_services(console, services, now))
+
+
+@get_app.command("service")
+def get_service(ctx: typer.Context, service_id: str = _id_argument("service")) -> None:
+    """Show a service and its instances."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    path = _item_path(SERVICES_PATH, service_id)
+    service = client.expect_object("GET", path, client.request("GET", path))
+    _print_result(settings, service, lambda console, now: render.print_service(console, service, now))
+
+
+@client_app.command()
+def create(
+    ctx: typer.Context,
+    command: list[str] = typer.Argument(
+        ..., metavar="COMMAND",
+        help=(
+            "Shell command to run. Its words are joined with spaces, as ssh does, so quote the whole "
+            "command to keep the quotes inside it. Put -- before it when a word starts with '-'."
+        ),
+    ),
+    replicas: int = typer.Option(1, "-r", "--replicas", help="Number of instances to run."),
+) -> None:
+    """Create a service that runs COMMAND in REPLICAS instances.
+
+    Example: gdpm client create -r 3 'echo started; sleep 600'
+    """
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    payload = {"command": " ".join(command), "replicas": replicas}
+    service = client.expect_object("POST", SERVICES_PATH, client.request("POST", SERVICES_PATH, payload))
+
+    def print_table(console: Console, now: datetime) -> None:
+        console.print(f"created service {service.get('id', render.MISSING)}")
+        render.print_table(console, render.services_table([service], now))
+
+    _print_result(settings, service, print_table)
+
+
+@client_app.command()
+def update(
+    ctx: typer.Context,
+    service_id: str = _id_argument("service"),
+    replicas: int = typer.Option(..., "-r", "--replicas", help="New number of instances."),
+) -> None:
+    """Change the number of instances of a service."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    path = _item_path(SERVICES_PATH, service_id)
+    service = client.expect_object("PATCH", path, client.request("PATCH", path, {"replicas": replicas}))
+
+    def print_table(console: Console, now: datetime) -> None:
+        console.print(f"updated service {service.get('id', service_id)}: replicas {service.get('replicas', replicas)}")
+        render.print_table(console, render.services_table([service], now))
+
+    _print_result(settings, service, print_table)
+
+
+@client_app.command()
+def delete(ctx: typer.Context, service_id: str = _id_argument("service")) -> None:
+    """Delete a service and stop all of its instances."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    client.request("DELETE", _item_path(SERVICES_PATH, service_id))
+    if settings.output is OutputFormat.JSON:
+        typer.echo(json.dumps({"deleted": service_id}, indent=2))
+    else:
+        typer.echo(f"deleted service {service_id}")

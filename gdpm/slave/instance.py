@@ -114,6 +114,7 @@ class InstanceRunner:
         stop.cancel()
         if not exited.done():
             self._move(InstanceState.STOPPING)
+            self.log.info("stopping", pid=self.child.pid, timeout=self.settings.stop_timeout)
             await asyncio.shield(self.child.stop(timeout=self.settings.stop_timeout))
         returncode = await exited
         self._record_exit(returncode)

@@ -23,6 +23,7 @@ from gdpm.common.keys import KeyLayout
 from gdpm.common.models import Assignment
 from gdpm.common.tasks import cancel_and_wait, start_task
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
+from gdpm.slave.process import become_subreaper
 from gdpm.slave.status import StatusWriter
 
 log = structlog.get_logger("gdpm.slave")
@@ -191,6 +192,7 @@ async def run_slave(config: SlaveConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    become_subreaper(loop)
     slave = Slave(config)
     tasks: list[asyncio.Task] = []
     try:

@@ -161,7 +161,7 @@ class Slave:
 
 
 async def _post_with_retry(url: str, body: dict) -> dict:
-    """POST until the master answers; a 4xx is final, anything else is retried."""
+    """POST until the master responds; a 4xx is final, anything else is retried."""
     delay = 0.2
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:

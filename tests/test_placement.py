@@ -61,3 +61,20 @@ def test_steady_state_plans_nothing():
     records = {r.id: r for r in [record(0, "a"), record(1, "b")]}
     plan = plan_service("s1", spec(2), records, NodePicker(["a", "b"], {"a": 1, "b": 1}), NOW)
     assert not plan
+
+
+def test_down_node_instances_move():
+    records = {r.id: r for r in [record(0, "a"), record(1, "dead"), record(2, "dead")]}
+    plan = plan_service("s1", spec(3), records, NodePicker(["a", "b"], {"a": 1}), NOW)
+    moves = {old.index: (old.node_id, new.node_id) for old, new in plan.place}
+    assert moves[1][0] == "dead"
+    assert moves[2][0] == "dead"
+    assert sorted(new for _, new in moves.values()) == ["a", "b"]
+    assert not plan.create
+    assert not plan.remove
+
+
+def test_down_node_instances_pending_without_live_node():
+    records = {r.id: r for r in [record(0, "dead")]}
+    plan = plan_service("s1", spec(1), records, NodePicker([], {}), NOW)
+    assert [(old.node_id, new.node_id) for old, new in plan.place] == [("dead", None)]

@@ -43,6 +43,11 @@ def master(
         1000, "--max-replicas", envvar="GDPM_MAX_REPLICAS", min=1,
         help="Largest replica count one service may request.",
     ),
+    node_ttl: int = typer.Option(
+        DEFAULT_NODE_TTL, "--node-ttl", envvar="GDPM_NODE_TTL", min=2,
+        help="Seconds a slave's lease lives without a refresh, sent to every slave that registers; "
+             "a dead node's instances move after it.",
+    ),
     log_level: str = LogLevelOption,
     log_json: bool = LogJsonOption,
 ) -> None:
@@ -53,7 +58,7 @@ def master(
     configure_logging("master", level=log_level, json_output=log_json)
     config = MasterConfig(
         host=host, port=port, etcd_endpoints=_endpoints_or_exit(etcd_endpoints),
-        prefix=prefix, max_replicas=max_replicas,
+        prefix=prefix, max_replicas=max_replicas, node_ttl=node_ttl,
     )
     asyncio.run(run_master(config))
 
@@ -71,8 +76,8 @@ def slave(
     ),
     name: str = typer.Option(None, "--name", envvar="GDPM_NAME", help="Node name shown in tables [default: host name]."),
     node_ttl: int = typer.Option(
-        DEFAULT_NODE_TTL, "--node-ttl", envvar="GDPM_NODE_TTL", min=2,
-        help="Seconds the node's lease lives without a refresh; the node is shown down after it.",
+        None, "--node-ttl", envvar="GDPM_NODE_TTL", min=2,
+        help="Seconds the node's lease lives without a refresh [default: the master's --node-ttl].",
     ),
     stop_timeout: float = typer.Option(
         10.0, "--stop-timeout", envvar="GDPM_STOP_TIMEOUT", min=0,

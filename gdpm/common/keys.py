@@ -29,9 +29,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Seconds a slave's lease lives without a refresh. A node is shown down this long
-# after its slave stopped refreshing.
-DEFAULT_NODE_TTL = 5
+# Seconds a slave's lease lives without a refresh. A node is shown down, and its
+# instances move, at most this long (plus etcd's lease check interval, 0.5 s) after
+# its slave died, so a dead node's instances run again elsewhere within about 5 s.
+DEFAULT_NODE_TTL = 4
 
 # etcd rejects a transaction with more operations than its --max-txn-ops setting,
 # whose default is 128 in etcd 3.4 and 3.5.

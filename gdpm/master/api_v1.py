@@ -119,7 +119,9 @@ async def register_node(request: web.Request) -> web.Response:
     name = parse_node_name(body.get("name"))
     node_id = parse_optional_id(body.get("node_id"), "node_id")
     node = await _operations(request).register_node(name, node_id)
-    return web.json_response(node_json(_view(request), node))
+    body = node_json(_view(request), node)
+    body["node_ttl"] = request.app["node_ttl"]
+    return web.json_response(body)
 
 
 @routes.get("/api/v1/services")

@@ -18,8 +18,9 @@ from gdpm.common.models import InstanceRecord, ServiceSpec, instance_id_for
 class ServicePlan:
     """The changes that bring one service's instances to its desired state.
 
-    ``create``: new records (placed or pending). ``place``: pending records and the
-    node each now goes to. ``remove``: surplus records, or all of a deleted service's.
+    ``create``: new records (placed or pending). ``place``: records that are pending or
+    on a node that is down, each with its new record (pending again when no node is
+    live). ``remove``: surplus records, or all of a deleted service's.
     """
 
     create: list[InstanceRecord] = field(default_factory=list)
@@ -40,6 +41,7 @@ class NodePicker:
 
     def __init__(self, live_nodes: Sequence[str], load: Mapping[str, int]) -> None:
         self.live_nodes = sorted(live_nodes)
+        self.live = frozenset(self.live_nodes)
         self.load = Counter({node_id: load.get(node_id, 0) for node_id in self.live_nodes})
         self._turn = 0
 
@@ -76,7 +78,7 @@ def plan_service(
             picker.release(record.node_id)
 
     kept = {record.index: record for record in records.values() if record.index < replicas}
-    service_load = Counter(record.node_id for record in kept.values() if record.node_id is not None)
+    service_load = Counter(record.node_id for record in kept.values() if record.node_id in picker.live)
 
     for index in range(replicas):
         record = kept.get(index)
@@ -90,6 +92,11 @@ def plan_service(
             node_id = picker.pick(service_load)
             if node_id is not None:
                 plan.place.append((record, record.model_copy(update={"node_id": node_id})))
+        elif record.node_id not in picker.live:
+            # The node's lease expired, so its slave has stopped this instance
+            # (it fences itself before its lease can expire): run it elsewhere.
+            node_id = picker.pick(service_load)
+            plan.place.append((record, record.model_copy(update={"node_id": node_id})))
 
     plan.remove.sort(key=lambda record: record.index)
     return plan

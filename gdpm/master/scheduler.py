@@ -92,7 +92,11 @@ class Scheduler:
             writes.append(_Write(service_id, [ops.version(key) == 0], success))
         for old, new in plan.place:
             key = self.keys.instance(service_id, old.id)
-            success = [ops.put(key, new.to_json()), self._put_assignment(spec, new)]
+            success = [ops.put(key, new.to_json())]
+            if old.node_id is not None:
+                success.append(ops.delete(self.keys.assignment(old.node_id, old.id)))
+            if new.node_id is not None:
+                success.append(self._put_assignment(spec, new))
             writes.append(_Write(service_id, [ops.value(key) == old.to_json()], success))
         for record in plan.remove:
             success = [ops.delete(self.keys.instance(service_id, record.id))]
@@ -127,8 +131,13 @@ class Scheduler:
             await self.mirror.wait_for_revision(revision)
 
     def _log_plan(self, service_id: str, plan: ServicePlan) -> None:
-        placed = [record for record in plan.create if record.node_id] + [new for _, new in plan.place]
+        placed = [record for record in plan.create if record.node_id]
+        placed += [new for old, new in plan.place if old.node_id is None and new.node_id]
+        moved = [(old, new) for old, new in plan.place if old.node_id is not None]
         pending = sum(1 for record in plan.create if record.node_id is None)
+        for old, new in moved:
+            log.warning("instance moved from a down node", service_id=service_id, instance_id=old.id,
+                        from_node=old.node_id, to_node=new.node_id or "pending")
         if placed:
             log.info("instances placed", service_id=service_id, count=len(placed),
                      nodes=sorted({record.node_id for record in placed}))

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from gdpm.common.etcd import Etcd, PrefixMirror
-from gdpm.common.keys import KeyLayout
+from gdpm.common.keys import DEFAULT_NODE_TTL, KeyLayout
 from gdpm.common.tasks import cancel_and_wait, start_task
 from gdpm.master import api_compat, api_v1
 from gdpm.master.errors import ApiError, error_middleware
@@ -31,6 +31,7 @@ class MasterConfig:
     etcd_endpoints: list[tuple[str, int]]
     prefix: str
     max_replicas: int
+    node_ttl: int = DEFAULT_NODE_TTL
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -46,6 +47,7 @@ def build_app(config: MasterConfig, view: ClusterView, mirror: PrefixMirror, ope
     app["mirror"] = mirror
     app["operations"] = operations
     app["max_replicas"] = config.max_replicas
+    app["node_ttl"] = config.node_ttl
     app["max_body_size"] = MAX_BODY_SIZE
     app.router.add_get("/healthz", healthz)
     app.add_routes(api_v1.routes)

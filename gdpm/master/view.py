@@ -119,7 +119,9 @@ class ClusterView:
             )
         else:
             self.alive.discard(node_id)
-            log.warning("node down", node_id=node_id)
+            log.warning("node down", node_id=node_id, instances=len(self.placed.get(node_id, ())))
+            # Its instances must move to live nodes.
+            self.dirty_services.update(service_id for service_id, _ in self.placed.get(node_id, ()))
 
     # -- queries for the API ---------------------------------------------------------
 

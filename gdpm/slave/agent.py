@@ -1,9 +1,11 @@
 """The slave process: registers its node, keeps its lease, and runs its assignments.
 
-Start-up goes in steps: read or receive the node id, grant a lease and mark the node
-alive, then mirror ``assignments/{node_id}/`` and start what it contains. From then on
-each change to that prefix starts or stops one instance. SIGTERM or SIGINT stops every
-instance, revokes the lease and exits.
+Start-up goes in steps: kill what a crashed previous run left behind, read or receive
+the node id, grant a lease and mark the node alive, then mirror
+``assignments/{node_id}/`` and start what it contains. From then on each change to
+that prefix starts or stops one instance. When the lease cannot be renewed the slave
+fences itself (see :mod:`gdpm.slave.lease`). SIGTERM or SIGINT stops every instance,
+revokes the lease and exits.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import structlog
 
 from gdpm.common.etcd import Change, Etcd, PrefixMirror
 from gdpm.common.keys import KeyLayout
-from gdpm.common.models import Assignment
+from gdpm.common.models import Assignment, InstanceStatus
 from gdpm.common.tasks import cancel_and_wait, start_task
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
-from gdpm.slave.process import become_subreaper
+from gdpm.slave.journal import ProcessJournal
+from gdpm.slave.lease import LeaseKeeper
+from gdpm.slave.process import ChildProcess, become_subreaper
 from gdpm.slave.status import StatusWriter
 
 log = structlog.get_logger("gdpm.slave")
@@ -39,7 +43,8 @@ class SlaveConfig:
     prefix: str
     state_dir: Path
     name: str
-    node_ttl: int
+    # None: use the TTL the master sends at registration.
+    node_ttl: int | None
     stop_timeout: float
 
 
@@ -49,13 +54,17 @@ class Slave:
         self.keys = KeyLayout(config.prefix)
         self.etcd = Etcd(config.etcd_endpoints)
         self.node_id = ""
-        self.lease: aetcd.Lease | None = None
+        self.node_ttl = config.node_ttl
+        self.journal = ProcessJournal(config.state_dir / "processes.journal")
         self.runners: dict[str, InstanceRunner] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         # Assignments that arrived while the previous run of the same instance was stopping.
         self.queued: dict[str, Assignment] = {}
         self.status_writer: StatusWriter | None = None
         self.settings: RunSettings | None = None
+        self.lease_keeper: LeaseKeeper | None = None
+        self.mirror: PrefixMirror | None = None
+        self.mirror_task: asyncio.Task | None = None
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -67,36 +76,44 @@ class Slave:
         url = f"{self.config.master_url}/api/v1/nodes/register"
         node = await _post_with_retry(url, body)
         self.node_id = node["id"]
+        if self.node_ttl is None:
+            self.node_ttl = int(node["node_ttl"])
         if self.node_id != saved_id:
             id_file.write_text(self.node_id + "\n")
         structlog.contextvars.bind_contextvars(node_id=self.node_id)
-        log.info("registered", name=self.config.name, rejoined=saved_id == self.node_id)
+        log.info("registered", name=self.config.name, rejoined=saved_id == self.node_id, node_ttl=self.node_ttl)
 
-    async def grant_lease(self) -> None:
-        """Grant a new lease and tie the node's alive key to it."""
-        self.lease = await self.etcd.client.lease(self.config.node_ttl)
-        await self.etcd.client.put(self.keys.alive(self.node_id), self.config.name.encode(), lease=self.lease)
-        if self.status_writer is not None:
-            self.status_writer.lease_id = self.lease.id
-            self.status_writer.republish_all({iid: runner.status() for iid, runner in self.runners.items()})
-        log.info("lease granted", lease_id=self.lease.id, ttl=self.config.node_ttl)
+    def prepare(self, log_dir: Path) -> None:
+        self.settings = RunSettings(node_id=self.node_id, log_dir=log_dir, stop_timeout=self.config.stop_timeout,
+                                    base_env=slave_environment(), tracker=self)
+        self.status_writer = StatusWriter(self.etcd, self.keys, self.node_id)
+        self.lease_keeper = LeaseKeeper(
+            self.etcd, self.keys, self.node_id, self.config.name, self.node_ttl,
+            on_new_lease=self._on_new_lease, on_fence=self.fence, on_recover=self.reload_assignments,
+        )
 
-    async def keep_lease(self) -> None:
-        """Refresh the lease three times per TTL; grant a new one if it expired."""
-        interval = self.config.node_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                reply = await self.lease.refresh()
-                if reply is None or reply.TTL <= 0:
-                    log.warning("lease expired, granting a new one", lease_id=self.lease.id)
-                    await self.grant_lease()
-            except aetcd.exceptions.ClientError as error:
-                log.warning("lease refresh failed", error=str(error) or type(error).__name__)
+    def start_watching(self) -> None:
+        self.mirror = PrefixMirror(self.etcd, self.keys.assignments_of(self.node_id),
+                                   self.on_assignment_changes, name="assignments")
+        self.mirror_task = start_task(self.mirror.run(), name="assignment-watch")
+
+    def _on_new_lease(self, lease_id: int) -> None:
+        self.status_writer.lease_id = lease_id
+        self.status_writer.republish_all({iid: runner.status() for iid, runner in self.runners.items()})
+
+    # -- process tracking (ProcessTracker) ----------------------------------------------
+
+    def started(self, child: ChildProcess, instance_id: str) -> None:
+        self.journal.record_start(child.pid, child.start_time, instance_id)
+
+    def ended(self, child: ChildProcess) -> None:
+        self.journal.record_end(child.pid)
 
     # -- assignments -------------------------------------------------------------------
 
     def on_assignment_changes(self, changes: list[Change]) -> None:
+        if self.lease_keeper.fenced:
+            return  # Nothing starts until the assignments are read again after recovery.
         for change in changes:
             instance_id = change.key.rsplit(b"/", 1)[-1].decode(errors="replace")
             if change.value is None:
@@ -139,18 +156,36 @@ class Slave:
             del self.runners[instance_id]
             self.tasks.pop(instance_id, None)
         queued = self.queued.pop(instance_id, None)
-        if queued is not None:
+        if queued is not None and not self.lease_keeper.fenced:
             self._start(queued)
         else:
             self.status_writer.publish(instance_id, None)
 
-    def _publish(self, status) -> None:
+    def _publish(self, status: InstanceStatus) -> None:
         self.status_writer.publish(status.instance_id, status)
+
+    # -- fencing -----------------------------------------------------------------------
+
+    def fence(self, reason: str) -> None:
+        """SIGKILL every instance now and start nothing until recovery."""
+        self.queued.clear()
+        for runner in self.runners.values():
+            runner.kill_now()
+        log.error("fenced", reason=reason, killed=len(self.runners))
+
+    async def reload_assignments(self) -> None:
+        """Follow the assignments again from a fresh read, after fencing."""
+        await cancel_and_wait(self.mirror_task)
+        pending = list(self.tasks.values())
+        if pending:
+            await asyncio.wait(pending, timeout=self.config.stop_timeout + 10)
+        self.lease_keeper.fenced = False
+        self.start_watching()
 
     # -- shutdown ----------------------------------------------------------------------
 
     async def stop_all(self) -> None:
-        """Stop every instance in parallel and wait for them (shielded from cancellation)."""
+        """Stop every instance in parallel and wait for them."""
         self.queued.clear()
         for runner in list(self.runners.values()):
             runner.request_stop()
@@ -194,24 +229,24 @@ async def run_slave(config: SlaveConfig) -> None:
 
     become_subreaper(loop)
     slave = Slave(config)
+    killed = slave.journal.kill_leftovers()
+    if killed:
+        log.warning("killed instances left by the previous run", count=killed)
+    slave.journal.open()
     tasks: list[asyncio.Task] = []
     try:
         await _until_stopped(stop, slave.register())
         if stop.is_set():
             return
-        slave.settings = RunSettings(node_id=slave.node_id, log_dir=log_dir,
-                                     stop_timeout=config.stop_timeout, base_env=slave_environment())
-        slave.status_writer = StatusWriter(slave.etcd, slave.keys, slave.node_id)
-        await _until_stopped(stop, _retry_etcd(slave.grant_lease))
+        slave.prepare(log_dir)
+        await _until_stopped(stop, _retry_etcd(slave.lease_keeper.grant))
         if stop.is_set():
             return
-        mirror = PrefixMirror(slave.etcd, slave.keys.assignments_of(slave.node_id),
-                              slave.on_assignment_changes, name="assignments")
         tasks += [
             start_task(slave.status_writer.run(), name="status-writer"),
-            start_task(slave.keep_lease(), name="lease-keeper"),
-            start_task(mirror.run(), name="assignment-watch"),
+            start_task(slave.lease_keeper.run(), name="lease-keeper"),
         ]
+        slave.start_watching()
         log.info("slave started", state_dir=str(config.state_dir))
         await stop.wait()
     finally:
@@ -222,8 +257,8 @@ async def run_slave(config: SlaveConfig) -> None:
 
 async def _shutdown(slave: Slave, tasks: list[asyncio.Task]) -> None:
     """Stop instances, flush their last statuses, revoke the lease, close etcd."""
-    watch_and_lease = [task for task in tasks if task.get_name() != "status-writer"]
-    await cancel_and_wait(*watch_and_lease)
+    lease_tasks = [task for task in tasks if task.get_name() != "status-writer"]
+    await cancel_and_wait(slave.mirror_task, *lease_tasks)
     await slave.stop_all()
     if slave.status_writer is not None:
         try:
@@ -231,12 +266,13 @@ async def _shutdown(slave: Slave, tasks: list[asyncio.Task]) -> None:
         except TimeoutError:
             log.warning("statuses not flushed before shutdown")
     await cancel_and_wait(*tasks)
-    if slave.lease is not None:
+    if slave.lease_keeper is not None:
         try:
-            await slave.lease.revoke()
+            await slave.lease_keeper.revoke()
         except aetcd.exceptions.ClientError as error:
             log.warning("lease revoke failed", error=str(error) or type(error).__name__)
     await slave.etcd.close()
+    slave.journal.close()
     log.info("slave stopped", node_id=slave.node_id)
 
 

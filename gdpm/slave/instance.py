@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -26,6 +28,14 @@ RESTART_DELAY_MAX = 30.0
 STABLE_RUN = 10.0
 
 
+class ProcessTracker(Protocol):
+    """Records every process group the slave starts, to clean up after a slave crash."""
+
+    def started(self, child: ChildProcess, instance_id: str) -> None: ...
+
+    def ended(self, child: ChildProcess) -> None: ...
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Slave-wide settings every instance uses."""
@@ -34,6 +44,7 @@ class RunSettings:
     log_dir: Path
     stop_timeout: float
     base_env: dict[str, str]
+    tracker: ProcessTracker
 
 
 class InstanceRunner:
@@ -67,6 +78,12 @@ class InstanceRunner:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+
+    def kill_now(self) -> None:
+        """SIGKILL the instance's process group at once and stop restarting it (fencing)."""
+        self._stop_requested.set()
+        if self.child is not None and self.child.returncode is None:
+            self.child.signal_group(signal.SIGKILL)
 
     def status(self) -> InstanceStatus:
         return InstanceStatus(
@@ -103,11 +120,20 @@ class InstanceRunner:
             self._move(InstanceState.EXITED)
             return 0.0
 
+        self.settings.tracker.started(self.child, self.instance_id)
         self.started_at = utc_now()
         self.exit_code = self.exit_signal = self.exited_at = None
         self._move(InstanceState.RUNNING)
         self.log.info("spawned", pid=self.child.pid, command=self.assignment.command)
+        try:
+            await self._wait_exit_or_stop()
+        finally:
+            self.settings.tracker.ended(self.child)
+        self._record_exit(self.child.returncode)
+        return (self.exited_at - self.started_at).total_seconds()
 
+    async def _wait_exit_or_stop(self) -> None:
+        """Wait until the leader exits or a stop is requested; leave no process of the group."""
         exited = asyncio.ensure_future(self.child.wait())
         stop = asyncio.ensure_future(self._stop_requested.wait())
         await asyncio.wait([exited, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -115,10 +141,10 @@ class InstanceRunner:
         if not exited.done():
             self._move(InstanceState.STOPPING)
             self.log.info("stopping", pid=self.child.pid, timeout=self.settings.stop_timeout)
-            await asyncio.shield(self.child.stop(timeout=self.settings.stop_timeout))
-        returncode = await exited
-        self._record_exit(returncode)
-        return (self.exited_at - self.started_at).total_seconds()
+        # After the leader exited on its own, this stops what it left in its group, so
+        # a restart does not run next to the previous run's children.
+        await asyncio.shield(self.child.stop(timeout=self.settings.stop_timeout))
+        await exited
 
     def _spawn(self) -> ChildProcess:
         assignment = self.assignment

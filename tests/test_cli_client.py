@@ -566,3 +566,11 @@ def test_shorten_command() -> None:
     shortened = shorten_command("x" * 100)
     assert len(shortened) == 60
     assert shortened.endswith("...")
+
+
+def test_render_escapes_control_characters():
+    from gdpm.cli.render import printable, shorten_command
+
+    assert printable("a\x1b[31mred\x1b[0m\x01\x7f\x9b") == "a\\x1b[31mred\\x1b[0m\\x01\\x7f\\x9b"
+    assert printable("tab\there\nnew\rline") == "tab\\there\\nnew\\rline"
+    assert "\x1b" not in shorten_command("printf \x1b[31mRED" + "x" * 100)

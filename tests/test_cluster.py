@@ -172,6 +172,10 @@ def test_compatible_routes(cluster: Cluster):
     status, json_id = cluster.api("POST", "/service/", json={"Command": "sleep 1001", "InstanceNum": 1})
     assert status == 200
     json_id = json_id.strip()
+    # curl -d '{...}' sends JSON labelled as a form.
+    status, curl_id = cluster.api("POST", "/service/", data='{"Command": "sleep 1002", "InstanceNum": 0}')
+    assert status == 200, curl_id
+    assert cluster.api("GET", f"/api/v1/services/{curl_id.strip()}")[1]["command"] == "sleep 1002"
     wait_running(cluster, form_id, 2)
     wait_running(cluster, json_id, 1)
 
@@ -218,6 +222,11 @@ BAD_REQUESTS = [
     ("POST", "/api/v1/services", "raw", "{not json", 400, "malformed JSON"),
     ("POST", "/api/v1/services", "raw", "[1, 2]", 400, "must be an object"),
     ("POST", "/api/v1/services", "raw", "x" * (300 * 1024), 413, "too large"),
+    ("POST", "/api/v1/services", "raw", '{"command": "x", "replicas": ' + "9" * 5000 + "}", 400, "invalid JSON"),
+    ("POST", "/api/v1/services", "raw", '{"command": "\\ud800"}', 400, "lone surrogate"),
+    ("POST", "/api/v1/services", "raw", "[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
+    ("POST", "/api/v1/services", "raw", '{"command": ' + "[" * 100_000 + "]" * 100_000 + "}", 400,
+     "nested too deeply"),
     ("PATCH", "/api/v1/services/{service_id}", "json", {"replicas": -3}, 400, "must not be negative"),
     ("PATCH", "/api/v1/services/{service_id}", "json", {}, 400, "replicas is missing"),
     ("PATCH", "/api/v1/services/0badc0de", "json", {"replicas": 1}, 404, "not found"),
@@ -235,17 +244,22 @@ BAD_REQUESTS = [
     ("POST", "/service/0badc0de/", "form", "InstanceNum=1", 404, "not found"),
     ("GET", "/node/0badc0de/", "none", None, 404, "not found"),
     ("PUT", "/service/", "none", None, 405, "not allowed"),
+    ("POST", "/service/", "form", "Command=x&InstanceNum=%D9%A1", 400, "InstanceNum must be an integer"),
+    ("DELETE", "/api/v1/nodes/{node_id}", "none", None, 409, "is ready"),
 ]
 
 
-def send_json_text(cluster: Cluster, method: str, path: str, text: str) -> tuple[int, str]:
-    """Send ``text`` as is, labelled application/json."""
+def send_json_text(cluster: Cluster, method: str, path: str, text: str, *, with_headers: bool = False):
+    """Send ``text`` as is, labelled application/json; return the status and body (and headers)."""
     host, port = cluster.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         connection.request(method, path, body=text.encode(), headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        return response.status, response.read().decode()
+        body = response.read().decode()
+        if with_headers:
+            return response.status, body, dict(response.getheaders())
+        return response.status, body
     finally:
         connection.close()
 
@@ -253,13 +267,13 @@ def send_json_text(cluster: Cluster, method: str, path: str, text: str) -> tuple
 def test_bad_input_rejected_without_state_loss(cluster: Cluster):
     """Every bad request gets its status and a message naming the problem; nothing changes."""
     cluster.start_master(max_replicas=5)
-    cluster.start_slave("slave-1")
+    slave = cluster.start_slave("slave-1")
     service_id = create_service(cluster, LONG_COMMAND, 2)
     wait_running(cluster, service_id, 2)
     services_before = cluster.api("GET", "/api/v1/services")[1]
 
     for method, path, kind, body, expected_status, words in BAD_REQUESTS:
-        path = path.format(service_id=service_id)
+        path = path.format(service_id=service_id, node_id=slave.node_id)
         if kind == "json":
             status, response = cluster.api(method, path, json=body)
         elif kind in ("raw", "form"):
@@ -277,6 +291,10 @@ def test_bad_input_rejected_without_state_loss(cluster: Cluster):
         else:
             message = response
         assert words in message, f"{case}: {message}"
+
+    status, _, headers = send_json_text(cluster, "PUT", "/api/v1/services", "{}", with_headers=True)
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD, POST"
 
     assert cluster.master.running
     assert cluster.api("GET", "/healthz")[0] == 200
@@ -327,6 +345,10 @@ def test_slave_sigterm_stops_instances_and_rejoins(cluster: Cluster):
     nodes = wait_until(lambda: [n for n in cluster.api("GET", "/api/v1/nodes")[1]["nodes"] if n["state"] == "down"],
                        10.0, message="node down after SIGTERM")
     assert [node["id"] for node in nodes] == [node_id]
+
+    status, _ = cluster.api("DELETE", f"/api/v1/nodes/{node_id}")
+    assert status == 204
+    assert cluster.api("GET", "/api/v1/nodes")[1]["nodes"] == []
 
     slave.restart()
     assert slave.node_id == node_id
@@ -404,3 +426,19 @@ def test_zero_replicas_runs_nothing(cluster: Cluster):
     assert service["replicas"] == 0
     assert service["instances"] == []
     assert not live_groups(service_id)
+
+
+def test_large_commands_batched_by_size(cluster: Cluster):
+    """40 instances of a 60 KB command exceed etcd's request size in one transaction.
+
+    The scheduler splits its writes by size, so all of them run and the master stays up.
+    """
+    cluster.start_master()
+    cluster.start_slave("slave-1")
+    command = "exec sleep 1000 # " + "x" * 60_000
+    service_id = create_service(cluster, command, 40)
+    wait_running(cluster, service_id, 40)
+    assert cluster.master.running
+    status, _ = cluster.api("DELETE", f"/api/v1/services/{service_id}")
+    assert status == 204
+    wait_until(lambda: not live_groups(service_id), CONVERGE_TIMEOUT, message="deleted")

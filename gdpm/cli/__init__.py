@@ -19,6 +19,22 @@ app = typer.Typer(
 )
 app.add_typer(client_app, name="client")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from gdpm import __version__
+
+        typer.echo(f"gdpm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """gdpm: a distributed process manager. Runs N instances of a shell command across slave nodes."""
+
 EtcdEndpointsOption = typer.Option(
     "127.0.0.1:2379", "--etcd-endpoints", envvar="GDPM_ETCD_ENDPOINTS",
     help="etcd client endpoints, comma-separated host:port.",
@@ -36,7 +52,8 @@ def _default_state_dir() -> Path:
 @app.command()
 def master(
     host: str = typer.Option("127.0.0.1", "--host", envvar="GDPM_HOST", help="Address the HTTP API listens on."),
-    port: int = typer.Option(8989, "--port", envvar="GDPM_PORT", help="Port the HTTP API listens on."),
+    port: int = typer.Option(8989, "--port", envvar="GDPM_PORT", min=1, max=65535,
+                             help="Port the HTTP API listens on."),
     etcd_endpoints: str = EtcdEndpointsOption,
     prefix: str = PrefixOption,
     max_replicas: int = typer.Option(
@@ -94,10 +111,10 @@ def slave(
 
     configure_logging("slave", level=log_level, json_output=log_json)
     config = SlaveConfig(
-        master_url=master_url.rstrip("/"),
+        master_url=_master_url_or_exit(master_url),
         etcd_endpoints=_endpoints_or_exit(etcd_endpoints),
         prefix=prefix,
-        state_dir=(state_dir or _default_state_dir()).absolute(),
+        state_dir=_state_dir_or_exit(state_dir or _default_state_dir()),
         name=name or socket.gethostname(),
         node_ttl=node_ttl,
         stop_timeout=stop_timeout,
@@ -108,7 +125,7 @@ def slave(
 @app.command()
 def dev(
     slaves: int = typer.Option(2, "--slaves", min=1, max=32, help="Number of slaves to start."),
-    port: int = typer.Option(8989, "--port", help="Port of the master's HTTP API."),
+    port: int = typer.Option(8989, "--port", min=1, max=65535, help="Port of the master's HTTP API."),
     etcd_endpoints: str = EtcdEndpointsOption,
     state_dir: Path = typer.Option(
         None, "--state-dir", help="Folder for the slaves' state and the etcd data [default: a new temporary folder].",
@@ -123,6 +140,31 @@ def dev(
     raise typer.Exit(run_dev_cluster(
         slaves=slaves, port=port, etcd_endpoints=_endpoints_or_exit(etcd_endpoints), state_dir=state_dir,
     ))
+
+
+def _master_url_or_exit(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        typer.echo(f"error: invalid --master URL {url!r}: expected http://HOST:PORT, such as http://127.0.0.1:8989",
+                   err=True)
+        raise typer.Exit(1)
+    return url.rstrip("/")
+
+
+def _state_dir_or_exit(path: Path) -> Path:
+    path = path.absolute()
+    try:
+        (path / "logs").mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        typer.echo(f"error: cannot use {str(path)!r} as --state-dir: {error.strerror}; "
+                   "choose a folder this user can write", err=True)
+        raise typer.Exit(1) from None
+    return path
 
 
 def _endpoints_or_exit(text: str) -> list[tuple[str, int]]:

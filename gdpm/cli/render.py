@@ -7,6 +7,8 @@ field does not break the tables.
 
 from __future__ import annotations
 
+import re
+
 import os
 import signal
 from collections.abc import Iterable, Mapping
@@ -93,7 +95,7 @@ def shorten_command(command: Any, width: int = COMMAND_WIDTH) -> str:
     """Return a command on one line, cut to ``width`` characters with ``...`` at the end."""
     if command is None:
         return MISSING
-    line = str(command).replace("\r", "\\r").replace("\n", "\\n")
+    line = printable(str(command))
     if len(line) <= width:
         return line
     return line[: width - 3] + "..."
@@ -269,7 +271,17 @@ def _add_id_column(table: Table, header: str) -> None:
 
 
 def _cell(value: Any) -> Text:
-    return Text(MISSING if value is None else str(value))
+    return Text(MISSING if value is None else printable(str(value)))
+
+
+# C0 and C1 control characters and DEL, which a terminal would act on.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """Return ``text`` with control characters escaped, so that it cannot drive the terminal."""
+    return _CONTROL.sub(lambda match: _NAMED_ESCAPES.get(match.group(), f"\\x{ord(match.group()):02x}"), text)
 
 
 def _shrinkable_cell(value: Any) -> Text:

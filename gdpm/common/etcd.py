@@ -15,7 +15,7 @@ import aetcd.exceptions
 import aetcd.rpc
 import structlog
 
-from gdpm.common.keys import MAX_TXN_OPS
+from gdpm.common.keys import MAX_TXN_BYTES, MAX_TXN_OPS
 
 log = structlog.get_logger("gdpm.etcd")
 
@@ -28,6 +28,16 @@ UNAVAILABLE_ERRORS = (
 
 # Seconds one etcd request may take before it fails.
 REQUEST_TIMEOUT = 5.0
+
+
+# gRPC keepalive pings find a connection that hangs without an error (a network
+# partition, a paused etcd), which would otherwise stall a watch for good. etcd answers
+# pings more frequent than its --grpc-keepalive-min-time (5 s by default) with GOAWAY.
+_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
 
 
 class EndpointError(ValueError):
@@ -86,7 +96,7 @@ class Etcd:
         target = grpc_target(self.endpoints)
         # aetcd builds its target as f"{host}:{port}", so split ours at the last colon.
         host, _, port = target.rpartition(":")
-        self.client = aetcd.Client(host=host, port=int(port), timeout=timeout)
+        self.client = aetcd.Client(host=host, port=int(port), timeout=timeout, options=_CHANNEL_OPTIONS)
         self.ops = self.client.transactions
 
     async def close(self) -> None:
@@ -107,8 +117,17 @@ class Etcd:
         The batches are not atomic together: a failure can leave earlier batches applied.
         """
         revision = 0
-        for start in range(0, len(operations), MAX_TXN_OPS):
-            _, revision = await self.txn([], operations[start:start + MAX_TXN_OPS])
+        batch: list = []
+        size = 0
+        for operation in operations:
+            operation_size = len(operation.key) + len(getattr(operation, "value", b"") or b"")
+            if batch and (len(batch) == MAX_TXN_OPS or size + operation_size > MAX_TXN_BYTES):
+                _, revision = await self.txn([], batch)
+                batch, size = [], 0
+            batch.append(operation)
+            size += operation_size
+        if batch:
+            _, revision = await self.txn([], batch)
         return revision
 
 
@@ -158,6 +177,8 @@ class PrefixMirror:
         self.items: dict[bytes, bytes] = {}
         self.revision = 0
         self.loaded = asyncio.Event()
+        # False from a watch failure until the watch runs again.
+        self.connected = False
         self._revision_changed = asyncio.Condition()
 
     async def run(self) -> None:
@@ -170,10 +191,12 @@ class PrefixMirror:
                 await self._follow()
                 retry_delay = 0.1
             except aetcd.exceptions.RevisionCompactedError as error:
+                self.connected = False
                 log.warning("watch revision compacted, reloading", mirror=self.name,
                             revision=self.revision, compacted_revision=error.compacted_revision)
                 self.loaded.clear()
             except UNAVAILABLE_ERRORS + (aetcd.exceptions.WatchTimeoutError,) as error:
+                self.connected = False
                 log.warning("watch interrupted, resuming", mirror=self.name,
                             revision=self.revision, error=str(error) or type(error).__name__)
                 await asyncio.sleep(retry_delay)
@@ -201,6 +224,7 @@ class PrefixMirror:
 
     async def _follow(self) -> None:
         watch = await self.etcd.client.watch_prefix(self.prefix, start_revision=self.revision + 1)
+        self.connected = True
         try:
             async for event in watch:
                 if event is None:

@@ -38,6 +38,10 @@ DEFAULT_NODE_TTL = 4
 # whose default is 128 in etcd 3.4 and 3.5.
 MAX_TXN_OPS = 128
 
+# Bytes of keys and values in one transaction. etcd rejects requests over its
+# --max-request-bytes, 1.5 MiB by default, so stay well below it.
+MAX_TXN_BYTES = 512 * 1024
+
 
 @dataclass(frozen=True)
 class KeyLayout:

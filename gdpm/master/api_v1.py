@@ -112,6 +112,14 @@ async def get_node(request: web.Request) -> web.Response:
     return web.json_response(node_json(view, node, with_instances=True))
 
 
+@routes.delete("/api/v1/nodes/{node_id}")
+async def delete_node(request: web.Request) -> web.Response:
+    """Forget a node that is down; a ready node is rejected with 409."""
+    node_id = request.match_info["node_id"]
+    await _operations(request).delete_node(node_id)
+    return web.Response(status=204)
+
+
 @routes.post("/api/v1/nodes/register")
 async def register_node(request: web.Request) -> web.Response:
     body = await read_json_object(request)

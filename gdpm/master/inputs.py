@@ -31,6 +31,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise invalid(f"malformed JSON body: {error}") from None
+    except ValueError as error:
+        # Python refuses integers of more than 4300 digits (CVE-2020-10735).
+        raise invalid(f"invalid JSON body: {error}") from None
+    except RecursionError:
+        raise invalid("invalid JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid(f"the JSON body must be an object, not {type(body).__name__}")
     return body
@@ -38,7 +43,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 async def read_form_or_json(request: web.Request) -> dict[str, Any]:
     """Read a form-encoded or JSON body, as the Go gdpm's clients sent either."""
-    if request.content_type in _FORM_TYPES:
+    body = await request.read()
+    # `curl -d '{...}'` labels a JSON body as a form, so a body starting with "{" is JSON.
+    if request.content_type in _FORM_TYPES and not body.lstrip().startswith(b"{"):
         try:
             form = await request.post()
         except ValueError as error:
@@ -63,6 +70,10 @@ def parse_command(value: Any, field: str = "command") -> str:
         raise invalid(f"{field} must not be empty")
     if "\x00" in value:
         raise invalid(f"{field} must not contain a NUL byte")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise invalid(f"{field} must be valid Unicode text (it contains a lone surrogate)") from None
     if len(value.encode()) > MAX_COMMAND_BYTES:
         raise invalid(f"{field} is longer than {MAX_COMMAND_BYTES} bytes")
     return value
@@ -72,7 +83,7 @@ def parse_replicas(value: Any, max_replicas: int, field: str = "replicas", *, fr
     """Accept an integer from 0 to ``max_replicas``; a form sends it as decimal text."""
     if value is None:
         raise invalid(f"{field} is missing: give the number of instances, 0 to {max_replicas}")
-    if from_text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,12}\s*", value):
+    if from_text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,12}\s*", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(f"{field} must be an integer from 0 to {max_replicas}, not {value!r}")
@@ -86,6 +97,10 @@ def parse_replicas(value: Any, max_replicas: int, field: str = "replicas", *, fr
 def parse_node_name(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise invalid("name must be a non-empty string")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise invalid("name must be valid Unicode text") from None
     if len(value) > MAX_NODE_NAME_LENGTH or any(ord(char) < 32 for char in value):
         raise invalid(f"name must be at most {MAX_NODE_NAME_LENGTH} printable characters")
     return value.strip()

@@ -69,6 +69,19 @@ class Operations:
         await self.mirror.wait_for_revision(revision)
         log.info("service deleted", service_id=service_id)
 
+    async def delete_node(self, node_id: str) -> None:
+        if node_id not in self.view.nodes:
+            raise not_found("node", node_id)
+        if node_id in self.view.alive:
+            raise ApiError(409, f"node {node_id!r} is ready; stop its slave before deleting it")
+        ops = self.etcd.ops
+        alive_key = self.keys.alive(node_id)
+        done, revision = await self.etcd.txn([ops.version(alive_key) == 0], [ops.delete(self.keys.node(node_id))])
+        if not done:
+            raise ApiError(409, f"node {node_id!r} came back while being deleted; stop its slave first")
+        await self.mirror.wait_for_revision(revision)
+        log.info("node deleted", node_id=node_id)
+
     async def register_node(self, name: str, node_id: str | None) -> NodeInfo:
         """Register a slave, or re-register it under the id it kept from an earlier run.
 

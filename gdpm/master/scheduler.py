@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from gdpm.common.etcd import UNAVAILABLE_ERRORS, Etcd, PrefixMirror
-from gdpm.common.keys import MAX_TXN_OPS, KeyLayout
+from gdpm.common.keys import MAX_TXN_BYTES, MAX_TXN_OPS, KeyLayout
 from gdpm.common.models import Assignment, InstanceRecord, ServiceSpec, utc_now
 from gdpm.master.placement import NodePicker, ServicePlan, plan_service
 from gdpm.master.view import ClusterView
@@ -31,6 +31,8 @@ class _Write:
     service_id: str
     compare: list
     success: list
+    # Bytes of keys and values, to keep each transaction under etcd's request size limit.
+    size: int = 0
 
 
 class Scheduler:
@@ -54,9 +56,12 @@ class Scheduler:
             try:
                 await self.reconcile(dirty)
                 retry_delay = 0.2
-            except UNAVAILABLE_ERRORS as error:
-                log.warning("reconcile failed, retrying", error=str(error) or type(error).__name__,
-                            retry_in=retry_delay)
+            except Exception as error:  # noqa: BLE001 - the scheduler must outlive any one round
+                if isinstance(error, UNAVAILABLE_ERRORS):
+                    log.warning("reconcile failed, retrying", error=str(error) or type(error).__name__,
+                                retry_in=retry_delay)
+                else:
+                    log.exception("reconcile failed, retrying", service_ids=sorted(dirty), retry_in=retry_delay)
                 self.view.dirty_services |= dirty
                 await asyncio.sleep(retry_delay)
                 retry_delay = min(retry_delay * 2, 5.0)
@@ -77,7 +82,7 @@ class Scheduler:
             plan = plan_service(service_id, spec, records, picker, now)
             if plan:
                 self._log_plan(service_id, plan)
-                writes += self._writes_for(service_id, spec, plan)
+                writes += self._sized(self._writes_for(service_id, spec, plan))
         if writes:
             await self._commit(writes)
 
@@ -103,6 +108,12 @@ class Scheduler:
             if record.node_id is not None:
                 success.append(ops.delete(self.keys.assignment(record.node_id, record.id)))
             writes.append(_Write(service_id, [], success))
+        return writes
+
+    def _sized(self, writes: list[_Write]) -> list[_Write]:
+        for write in writes:
+            items = [*write.compare, *write.success]
+            write.size = sum(len(item.key) + _byte_length(getattr(item, "value", None)) for item in items)
         return writes
 
     def _put_assignment(self, spec: ServiceSpec | None, record: InstanceRecord):
@@ -147,20 +158,26 @@ class Scheduler:
             log.info("instances removed", service_id=service_id, count=len(plan.remove))
 
 
+def _byte_length(value: object) -> int:
+    return len(value) if isinstance(value, bytes) else 0
+
+
 def _batches(writes: list[_Write]) -> list[list[_Write]]:
-    """Group writes so that no transaction exceeds etcd's operation limit."""
+    """Group writes so that no transaction exceeds etcd's operation or size limit."""
     batches: list[list[_Write]] = []
     current: list[_Write] = []
-    compares = operations = 0
+    compares = operations = size = 0
     for write in writes:
         too_many = (compares + len(write.compare) > MAX_TXN_OPS
-                    or operations + len(write.success) > MAX_TXN_OPS)
+                    or operations + len(write.success) > MAX_TXN_OPS
+                    or size + write.size > MAX_TXN_BYTES)
         if current and too_many:
             batches.append(current)
-            current, compares, operations = [], 0, 0
+            current, compares, operations, size = [], 0, 0, 0
         current.append(write)
         compares += len(write.compare)
         operations += len(write.success)
+        size += write.size
     if current:
         batches.append(current)
     return batches

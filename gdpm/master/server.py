@@ -38,6 +38,8 @@ async def healthz(request: web.Request) -> web.Response:
     mirror: PrefixMirror = request.app["mirror"]
     if not mirror.loaded.is_set():
         raise ApiError(503, "the master has not loaded its state from etcd yet")
+    if not mirror.connected:
+        raise ApiError(503, "the master lost its watch on etcd and is reconnecting; reads may be stale")
     return web.json_response({"status": "ok", "revision": mirror.revision})
 
 

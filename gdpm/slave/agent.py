@@ -195,6 +195,10 @@ class Slave:
             await asyncio.wait(tasks, timeout=self.config.stop_timeout + 10)
 
 
+class RegistrationRejected(Exception):
+    """The master rejected the slave's registration: retrying cannot help."""
+
+
 async def _post_with_retry(url: str, body: dict) -> dict:
     """POST until the master responds; a 4xx is final, anything else is retried."""
     delay = 0.2
@@ -207,7 +211,8 @@ async def _post_with_retry(url: str, body: dict) -> dict:
                         return await response.json()
                     text = await response.text()
                     if response.status < 500:
-                        raise SystemExit(f"registration rejected by the master at {url}: HTTP {response.status}: {text.strip()}")
+                        raise RegistrationRejected(
+                            f"registration rejected by the master at {url}: HTTP {response.status}: {text.strip()}")
                     reason = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as error:
                 reason = str(error) or type(error).__name__
@@ -235,7 +240,11 @@ async def run_slave(config: SlaveConfig) -> None:
     slave.journal.open()
     tasks: list[asyncio.Task] = []
     try:
-        await _until_stopped(stop, slave.register())
+        try:
+            await _until_stopped(stop, slave.register())
+        except RegistrationRejected as error:
+            log.error("registration rejected", error=str(error))
+            raise SystemExit(f"error: {error}") from None
         if stop.is_set():
             return
         slave.prepare(log_dir)

@@ -124,7 +124,7 @@ class InstanceRunner:
         self.started_at = utc_now()
         self.exit_code = self.exit_signal = self.exited_at = None
         self._move(InstanceState.RUNNING)
-        self.log.info("spawned", pid=self.child.pid, command=self.assignment.command)
+        self.log.info("spawned", pid=self.child.pid, command=_shorten(self.assignment.command))
         try:
             await self._wait_exit_or_stop()
         finally:
@@ -183,6 +183,10 @@ class InstanceRunner:
     def _move(self, state: InstanceState) -> None:
         self.lifecycle.move(state)
         self.publish(self.status())
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def slave_environment() -> dict[str, str]:

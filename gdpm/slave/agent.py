@@ -24,6 +24,7 @@ from gdpm.common.etcd import Change, Etcd, PrefixMirror
 from gdpm.common.keys import KeyLayout
 from gdpm.common.models import Assignment, InstanceStatus
 from gdpm.common.tasks import cancel_and_wait, start_task
+from gdpm.slave.guardian import Guardian
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
 from gdpm.slave.journal import ProcessJournal
 from gdpm.slave.lease import LeaseKeeper
@@ -56,6 +57,7 @@ class Slave:
         self.node_id = ""
         self.node_ttl = config.node_ttl
         self.journal = ProcessJournal(config.state_dir / "processes.journal")
+        self.guardian: Guardian | None = None
         self.runners: dict[str, InstanceRunner] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         # Assignments that arrived while the previous run of the same instance was stopping.
@@ -104,9 +106,11 @@ class Slave:
     # -- process tracking (ProcessTracker) ----------------------------------------------
 
     def started(self, child: ChildProcess, instance_id: str) -> None:
+        self.guardian.guard(child.pid, child.start_time)
         self.journal.record_start(child.pid, child.start_time, instance_id)
 
     def ended(self, child: ChildProcess) -> None:
+        self.guardian.release(child.pid)
         self.journal.record_end(child.pid)
 
     # -- assignments -------------------------------------------------------------------
@@ -238,6 +242,7 @@ async def run_slave(config: SlaveConfig) -> None:
     if killed:
         log.warning("killed instances left by the previous run", count=killed)
     slave.journal.open()
+    slave.guardian = Guardian.start(loop)
     tasks: list[asyncio.Task] = []
     try:
         try:
@@ -275,6 +280,8 @@ async def _shutdown(slave: Slave, tasks: list[asyncio.Task]) -> None:
         except TimeoutError:
             log.warning("statuses not flushed before shutdown")
     await cancel_and_wait(*tasks)
+    if slave.guardian is not None:
+        await slave.guardian.close()
     if slave.lease_keeper is not None:
         try:
             await slave.lease_keeper.revoke()

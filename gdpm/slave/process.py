@@ -115,6 +115,11 @@ def spawn_shell(
     return ChildProcess._watch(pid, loop)
 
 
+def watch_child(pid: int, loop: asyncio.AbstractEventLoop) -> ChildProcess:
+    """Watch and reap a child this process spawned itself, which must lead its own process group."""
+    return ChildProcess._watch(pid, loop)
+
+
 def _set_cloexec_on_inherited_fds() -> None:
     # Python creates its fds non-inheritable, but the slave may have been started with
     # inheritable fds above 2 (a shell or a job runner can leak them), and each child
@@ -194,7 +199,7 @@ def _group_member_states(pgid: int) -> dict[int, str]:
 
 
 class ChildProcess:
-    """A child started by spawn_shell, the leader of its own process group.
+    """A child started by spawn_shell or registered with watch_child, the leader of its own process group.
 
     ``returncode`` is None while the leader runs, then its exit code, or -SIGNUM
     when a signal ended it (as in subprocess).

@@ -60,6 +60,8 @@ class NodeInfo(_Document):
     id: str
     name: str
     registered_at: datetime
+    # Base URL of the slave's log server, such as http://127.0.0.1:41234.
+    log_url: str | None = None
 
 
 class InstanceRecord(_Document):

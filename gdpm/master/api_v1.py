@@ -12,6 +12,7 @@ from gdpm.master.inputs import (
     parse_command,
     parse_node_name,
     parse_optional_id,
+    parse_optional_url,
     parse_replicas,
     read_json_object,
     reject_unknown_fields,
@@ -123,10 +124,11 @@ async def delete_node(request: web.Request) -> web.Response:
 @routes.post("/api/v1/nodes/register")
 async def register_node(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    reject_unknown_fields(body, {"name", "node_id"})
+    reject_unknown_fields(body, {"name", "node_id", "log_url"})
     name = parse_node_name(body.get("name"))
     node_id = parse_optional_id(body.get("node_id"), "node_id")
-    node = await _operations(request).register_node(name, node_id)
+    log_url = parse_optional_url(body.get("log_url"), "log_url")
+    node = await _operations(request).register_node(name, node_id, log_url)
     body = node_json(_view(request), node)
     body["node_ttl"] = request.app["node_ttl"]
     return web.json_response(body)

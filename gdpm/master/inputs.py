@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import urlsplit
 from typing import Any
 
 from aiohttp import web
@@ -116,3 +117,14 @@ def parse_optional_id(value: Any, field: str) -> str | None:
     if not isinstance(value, str) or not is_valid_id(value):
         raise ApiError(400, f"{field} must be 8 lowercase hex digits, got {value!r}")
     return value
+
+
+def parse_optional_url(value: Any, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 2048:
+        raise invalid(f"{field} must be an http URL of at most 2048 characters")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise invalid(f"{field} must be an http URL such as http://127.0.0.1:8990, got {value!r}")
+    return value.rstrip("/")

@@ -82,7 +82,7 @@ class Operations:
         await self.mirror.wait_for_revision(revision)
         log.info("node deleted", node_id=node_id)
 
-    async def register_node(self, name: str, node_id: str | None) -> NodeInfo:
+    async def register_node(self, name: str, node_id: str | None, log_url: str | None = None) -> NodeInfo:
         """Register a slave, or re-register it under the id it kept from an earlier run.
 
         A known id keeps its registration time. An id that etcd does not know (its
@@ -90,7 +90,7 @@ class Operations:
         """
         if node_id is not None:
             known = self.view.nodes.get(node_id)
-            node = NodeInfo(id=node_id, name=name,
+            node = NodeInfo(id=node_id, name=name, log_url=log_url,
                             registered_at=known.registered_at if known else utc_now())
             _, revision = await self.etcd.txn([], [self.etcd.ops.put(self.keys.node(node_id), node.to_json())])
             await self.mirror.wait_for_revision(revision)
@@ -99,7 +99,7 @@ class Operations:
 
         ops = self.etcd.ops
         for _ in range(_ID_ATTEMPTS):
-            node = NodeInfo(id=new_id(), name=name, registered_at=utc_now())
+            node = NodeInfo(id=new_id(), name=name, log_url=log_url, registered_at=utc_now())
             key = self.keys.node(node.id)
             created, revision = await self.etcd.txn([ops.version(key) == 0], [ops.put(key, node.to_json())])
             if created:

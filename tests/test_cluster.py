@@ -228,7 +228,7 @@ BAD_REQUESTS = [
     ("POST", "/api/v1/services", "raw", '{"command": ' + "[" * 100_000 + "]" * 100_000 + "}", 400,
      "nested too deeply"),
     ("PATCH", "/api/v1/services/{service_id}", "json", {"replicas": -3}, 400, "must not be negative"),
-    ("PATCH", "/api/v1/services/{service_id}", "json", {}, 400, "replicas is missing"),
+    ("PATCH", "/api/v1/services/{service_id}", "json", {}, 400, "nothing to update"),
     ("PATCH", "/api/v1/services/0badc0de", "json", {"replicas": 1}, 404, "not found"),
     ("GET", "/api/v1/services/0badc0de", "none", None, 404, "not found"),
     ("DELETE", "/api/v1/services/0badc0de", "none", None, 404, "not found"),

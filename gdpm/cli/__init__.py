@@ -96,10 +96,6 @@ def slave(
         None, "--node-ttl", envvar="GDPM_NODE_TTL", min=2,
         help="Seconds the node's lease lives without a refresh [default: the master's --node-ttl].",
     ),
-    stop_timeout: float = typer.Option(
-        10.0, "--stop-timeout", envvar="GDPM_STOP_TIMEOUT", min=0,
-        help="Seconds between SIGTERM and SIGKILL when an instance is stopped.",
-    ),
     log_level: str = LogLevelOption,
     log_json: bool = LogJsonOption,
 ) -> None:
@@ -117,7 +113,6 @@ def slave(
         state_dir=_state_dir_or_exit(state_dir or _default_state_dir()),
         name=name or socket.gethostname(),
         node_ttl=node_ttl,
-        stop_timeout=stop_timeout,
     )
     asyncio.run(run_slave(config))
 

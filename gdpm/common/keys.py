@@ -20,6 +20,11 @@ the models in :mod:`gdpm.common.models`.
 ``{prefix}/nodes/{node_id}``
     A registered node: id, name, registration time. Written by the master when a
     slave registers. No lease, so a dead node stays listed as down.
+``{prefix}/events/{service_id}/{event_id}``
+    One entry of a service's event history; ``event_id`` sorts by time. Written by
+    the scheduler (placements, moves) and by slaves (starts, exits, backoff,
+    failures). The master trims each service to EVENTS_PER_SERVICE entries and
+    deletes them with the service. No lease, so a dead node's last events stay.
 ``{prefix}/alive/{node_id}``
     The liveness of a node. Written by the slave, tied to its lease: the node is
     ``ready`` while this key exists and ``down`` once the lease has expired.
@@ -37,6 +42,9 @@ DEFAULT_NODE_TTL = 4
 # etcd rejects a transaction with more operations than its --max-txn-ops setting,
 # whose default is 128 in etcd 3.4 and 3.5.
 MAX_TXN_OPS = 128
+
+# Entries kept in each service's event history; older ones are deleted.
+EVENTS_PER_SERVICE = 200
 
 # Bytes of keys and values in one transaction. etcd rejects requests over its
 # --max-request-bytes, 1.5 MiB by default, so stay well below it.
@@ -81,6 +89,12 @@ class KeyLayout:
     def node(self, node_id: str) -> bytes:
         return f"{self.prefix}/nodes/{node_id}".encode()
 
+    def event(self, service_id: str, event_id: str) -> bytes:
+        return f"{self.prefix}/events/{service_id}/{event_id}".encode()
+
+    def events_of(self, service_id: str) -> bytes:
+        return f"{self.prefix}/events/{service_id}/".encode()
+
     def alive(self, node_id: str) -> bytes:
         return f"{self.prefix}/alive/{node_id}".encode()
 
@@ -110,4 +124,5 @@ _KIND_LENGTHS = {
     "status": 3,
     "nodes": 2,
     "alive": 2,
+    "events": 3,
 }

@@ -8,6 +8,8 @@ reader.
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict
@@ -30,7 +32,17 @@ class InstanceState(str, enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     EXITED = "exited"
+    BACKOFF = "backoff"
+    FAILED = "failed"
     LOST = "lost"
+
+
+class RestartPolicy(str, enum.Enum):
+    """When a slave starts an instance again after it exited on its own."""
+
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
 
 
 class NodeState(str, enum.Enum):
@@ -45,13 +57,39 @@ class _Document(BaseModel):
         return self.model_dump_json().encode()
 
 
-class ServiceSpec(_Document):
+class RunSpec(_Document):
+    """How to run and supervise each instance of a service."""
+
+    command: str
+    env: dict[str, str] = {}
+    # Absolute working directory; None runs in the slave's own.
+    cwd: str | None = None
+    restart: RestartPolicy = RestartPolicy.ALWAYS
+    # Seconds before the first restart; the delay doubles with each quick failure
+    # up to restart_delay_max. A run of min_uptime seconds or more is stable: it
+    # resets the delay and the count of quick failures.
+    restart_delay: float = 1.0
+    restart_delay_max: float = 60.0
+    min_uptime: float = 10.0
+    # Quick failures in a row allowed before the instance is failed; None: no limit.
+    max_restarts: int | None = 10
+    stop_signal: str = "SIGTERM"
+    stop_timeout: float = 10.0
+
+    def run_spec(self) -> RunSpec:
+        """Return just the run settings, to compare two versions of them."""
+        return RunSpec.model_validate(self.model_dump(include=set(RunSpec.model_fields)))
+
+
+class ServiceSpec(RunSpec):
     """The desired state of a service."""
 
     id: str
-    command: str
     replicas: int
     created_at: datetime
+    # Incremented by every update of the run settings; instances whose assignment
+    # carries an older generation get the new settings.
+    generation: int = 1
 
 
 class NodeInfo(_Document):
@@ -72,15 +110,17 @@ class InstanceRecord(_Document):
     index: int
     node_id: str | None = None
     created_at: datetime
+    # The service generation of the assignment written for this record.
+    generation: int = 1
 
 
-class Assignment(_Document):
+class Assignment(RunSpec):
     """What a slave must run for one instance: everything it needs, in one key."""
 
     instance_id: str
     service_id: str
     index: int
-    command: str
+    generation: int = 1
 
 
 class InstanceStatus(_Document):
@@ -97,6 +137,18 @@ class InstanceStatus(_Document):
     restarts: int = 0
     started_at: datetime | None = None
     exited_at: datetime | None = None
+    # When the next restart is due, while in backoff.
+    restart_at: datetime | None = None
+
+
+class Event(_Document):
+    """One entry in a service's event history."""
+
+    time: datetime
+    type: str
+    message: str
+    instance_id: str | None = None
+    node_id: str | None = None
 
 
 def instance_id_for(service_id: str, index: int) -> str:
@@ -106,3 +158,8 @@ def instance_id_for(service_id: str, index: int) -> str:
     same slot cannot both exist.
     """
     return f"{service_id}-{index}"
+
+
+def new_event_id() -> str:
+    """Return an event id that sorts by creation time: nanoseconds, then a random suffix."""
+    return f"{time.time_ns():020d}-{secrets.token_hex(3)}"

@@ -7,8 +7,10 @@ from typing import Any
 from aiohttp import web
 
 from gdpm.common.models import InstanceRecord, InstanceState, NodeInfo, ServiceSpec
-from gdpm.master.errors import not_found
+from gdpm.master.errors import invalid, not_found
 from gdpm.master.inputs import (
+    RUN_SETTING_FIELDS,
+    parse_run_settings,
     parse_command,
     parse_node_name,
     parse_optional_id,
@@ -58,6 +60,10 @@ def service_json(view: ClusterView, spec: ServiceSpec, *, with_instances: bool =
         "running": counts[InstanceState.RUNNING],
         # Slots the scheduler has not created yet count as pending too.
         "pending": counts[InstanceState.PENDING] + max(0, spec.replicas - sum(counts.values())),
+        "failed": counts[InstanceState.FAILED],
+        "backoff": counts[InstanceState.BACKOFF],
+        "generation": spec.generation,
+        **spec.run_spec().model_dump(mode="json", exclude={"command"}),
     }
     if with_instances:
         body["instances"] = [instance_json(view, record) for record in view.service_instances(spec.id)]
@@ -78,6 +84,7 @@ def instance_json(view: ClusterView, record: InstanceRecord) -> dict[str, Any]:
         "restarts": status.restarts if status else 0,
         "started_at": _iso(status.started_at) if status else None,
         "exited_at": _iso(status.exited_at) if status else None,
+        "restart_at": _iso(status.restart_at) if status else None,
     }
 
 
@@ -144,10 +151,11 @@ async def list_services(request: web.Request) -> web.Response:
 @routes.post("/api/v1/services")
 async def create_service(request: web.Request) -> web.Response:
     body = await read_json_object(request)
-    reject_unknown_fields(body, {"command", "replicas"})
+    reject_unknown_fields(body, {"replicas", *RUN_SETTING_FIELDS})
     command = parse_command(body.get("command"))
     replicas = parse_replicas(body.get("replicas", 1), request.app["max_replicas"])
-    spec = await _operations(request).create_service(command, replicas)
+    settings = parse_run_settings(body)
+    spec = await _operations(request).create_service(command, replicas, settings)
     return web.json_response(service_json(_view(request), spec, with_instances=True), status=201)
 
 
@@ -161,9 +169,12 @@ async def get_service(request: web.Request) -> web.Response:
 async def update_service(request: web.Request) -> web.Response:
     _service_or_404(request)
     body = await read_json_object(request)
-    reject_unknown_fields(body, {"replicas"})
-    replicas = parse_replicas(body.get("replicas"), request.app["max_replicas"])
-    spec = await _operations(request).scale_service(request.match_info["service_id"], replicas)
+    reject_unknown_fields(body, {"replicas", *RUN_SETTING_FIELDS})
+    if not body:
+        raise invalid(f"nothing to update: give replicas or any of {', '.join(RUN_SETTING_FIELDS)}")
+    replicas = parse_replicas(body["replicas"], request.app["max_replicas"]) if "replicas" in body else None
+    settings = parse_run_settings(body)
+    spec = await _operations(request).update_service(request.match_info["service_id"], replicas, settings)
     return web.json_response(service_json(_view(request), spec, with_instances=True))
 
 
@@ -171,3 +182,10 @@ async def update_service(request: web.Request) -> web.Response:
 async def delete_service(request: web.Request) -> web.Response:
     await _operations(request).delete_service(_service_or_404(request).id)
     return web.Response(status=204)
+
+
+@routes.get("/api/v1/services/{service_id}/events")
+async def list_events(request: web.Request) -> web.Response:
+    spec = _service_or_404(request)
+    events = _view(request).service_events(spec.id)
+    return web.json_response({"events": [event.model_dump(mode="json") for event in events]})

@@ -14,6 +14,7 @@ from gdpm.common.etcd import Etcd, PrefixMirror
 from gdpm.common.keys import KeyLayout
 from gdpm.common.models import NodeInfo, ServiceSpec, utc_now
 from gdpm.master.errors import ApiError, not_found
+from gdpm.master.inputs import check_delays
 from gdpm.master.view import ClusterView
 
 log = structlog.get_logger("gdpm.master")
@@ -33,10 +34,12 @@ class Operations:
         self.view = view
         self.mirror = mirror
 
-    async def create_service(self, command: str, replicas: int) -> ServiceSpec:
+    async def create_service(self, command: str, replicas: int, settings: dict | None = None) -> ServiceSpec:
         ops = self.etcd.ops
+        settings = {key: value for key, value in (settings or {}).items() if key != "command"}
         for _ in range(_ID_ATTEMPTS):
-            spec = ServiceSpec(id=new_id(), command=command, replicas=replicas, created_at=utc_now())
+            spec = ServiceSpec(id=new_id(), command=command, replicas=replicas, created_at=utc_now(), **settings)
+            check_delays(spec.restart_delay, spec.restart_delay_max)
             key = self.keys.service(spec.id)
             created, revision = await self.etcd.txn([ops.version(key) == 0], [ops.put(key, spec.to_json())])
             if created:
@@ -46,17 +49,33 @@ class Operations:
         raise ApiError(409, "could not allocate a service id; retry")
 
     async def scale_service(self, service_id: str, replicas: int) -> ServiceSpec:
+        return await self.update_service(service_id, replicas, {})
+
+    async def update_service(self, service_id: str, replicas: int | None, settings: dict) -> ServiceSpec:
+        """Change the replica count and run settings.
+
+        Any run setting in ``settings``, even one equal to the current value, starts a
+        new generation: instances get the new settings (restarting if they differ)
+        and failed ones are started again.
+        """
         spec = self.view.services.get(service_id)
         if spec is None:
             raise not_found("service", service_id)
-        updated = spec.model_copy(update={"replicas": replicas})
+        changes = dict(settings)
+        if replicas is not None:
+            changes["replicas"] = replicas
+        if settings:
+            changes["generation"] = spec.generation + 1
+        updated = ServiceSpec.model_validate({**spec.model_dump(), **changes})
+        check_delays(updated.restart_delay, updated.restart_delay_max)
         key = self.keys.service(service_id)
         ops = self.etcd.ops
         done, revision = await self.etcd.txn([ops.version(key) > 0], [ops.put(key, updated.to_json())])
         if not done:
             raise not_found("service", service_id)
         await self.mirror.wait_for_revision(revision)
-        log.info("service scaled", service_id=service_id, replicas=replicas, previous=spec.replicas)
+        log.info("service updated", service_id=service_id, replicas=updated.replicas,
+                 previous_replicas=spec.replicas, generation=updated.generation, settings=sorted(settings))
         return updated
 
     async def delete_service(self, service_id: str) -> None:

@@ -26,9 +26,11 @@ class ServicePlan:
     create: list[InstanceRecord] = field(default_factory=list)
     place: list[tuple[InstanceRecord, InstanceRecord]] = field(default_factory=list)
     remove: list[InstanceRecord] = field(default_factory=list)
+    # Placed records whose assignment must carry a newer service generation.
+    update: list[tuple[InstanceRecord, InstanceRecord]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.create or self.place or self.remove)
+        return bool(self.create or self.place or self.remove or self.update)
 
 
 class NodePicker:
@@ -71,6 +73,7 @@ def plan_service(
     """Compare a service's desired replicas with its instance records."""
     plan = ServicePlan()
     replicas = spec.replicas if spec is not None else 0
+    generation = spec.generation if spec is not None else 0
 
     for record in records.values():
         if record.index >= replicas:
@@ -86,17 +89,19 @@ def plan_service(
             node_id = picker.pick(service_load)
             plan.create.append(InstanceRecord(
                 id=instance_id_for(service_id, index), service_id=service_id,
-                index=index, node_id=node_id, created_at=now,
+                index=index, node_id=node_id, created_at=now, generation=generation,
             ))
         elif record.node_id is None:
             node_id = picker.pick(service_load)
             if node_id is not None:
-                plan.place.append((record, record.model_copy(update={"node_id": node_id})))
+                plan.place.append((record, record.model_copy(update={"node_id": node_id, "generation": generation})))
         elif record.node_id not in picker.live:
             # The node's lease expired, so its slave has stopped this instance
             # (it fences itself before its lease can expire): run it elsewhere.
             node_id = picker.pick(service_load)
-            plan.place.append((record, record.model_copy(update={"node_id": node_id})))
+            plan.place.append((record, record.model_copy(update={"node_id": node_id, "generation": generation})))
+        elif record.generation != generation:
+            plan.update.append((record, record.model_copy(update={"generation": generation})))
 
     plan.remove.sort(key=lambda record: record.index)
     return plan

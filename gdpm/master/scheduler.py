@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import aetcd.utils
 import structlog
 
 from gdpm.common.etcd import UNAVAILABLE_ERRORS, Etcd, PrefixMirror
-from gdpm.common.keys import MAX_TXN_BYTES, MAX_TXN_OPS, KeyLayout
-from gdpm.common.models import Assignment, InstanceRecord, ServiceSpec, utc_now
+from gdpm.common.keys import EVENTS_PER_SERVICE, MAX_TXN_BYTES, MAX_TXN_OPS, KeyLayout
+from gdpm.common.models import Assignment, Event, InstanceRecord, ServiceSpec, new_event_id, utc_now
 from gdpm.master.placement import NodePicker, ServicePlan, plan_service
 from gdpm.master.view import ClusterView
 
@@ -51,6 +52,8 @@ class Scheduler:
             await self.view.changed.wait()
             self.view.changed.clear()
             dirty, self.view.dirty_services = self.view.dirty_services, set()
+            dirty |= self.view.events_over_cap
+            self.view.events_over_cap = set()
             if not dirty:
                 continue
             try:
@@ -83,6 +86,8 @@ class Scheduler:
             if plan:
                 self._log_plan(service_id, plan)
                 writes += self._sized(self._writes_for(service_id, spec, plan))
+                writes += self._sized(self._plan_events(service_id, plan, now))
+            writes += self._event_trimming(service_id, spec)
         if writes:
             await self._commit(writes)
 
@@ -103,12 +108,57 @@ class Scheduler:
             if new.node_id is not None:
                 success.append(self._put_assignment(spec, new))
             writes.append(_Write(service_id, [ops.value(key) == old.to_json()], success))
+        for old, new in plan.update:
+            key = self.keys.instance(service_id, old.id)
+            success = [ops.put(key, new.to_json()), self._put_assignment(spec, new)]
+            writes.append(_Write(service_id, [ops.value(key) == old.to_json()], success))
         for record in plan.remove:
             success = [ops.delete(self.keys.instance(service_id, record.id))]
             if record.node_id is not None:
                 success.append(ops.delete(self.keys.assignment(record.node_id, record.id)))
             writes.append(_Write(service_id, [], success))
         return writes
+
+    def _plan_events(self, service_id: str, plan: ServicePlan, now) -> list[_Write]:
+        """Return event writes for a plan: one per node and kind of change, not one per instance."""
+        if service_id not in self.view.services:
+            return []
+        by_node: dict[tuple[str, str | None], list[str]] = {}
+        for record in plan.create:
+            by_node.setdefault(("placed", record.node_id), []).append(record.id)
+        for old, new in plan.place:
+            kind = "moved" if old.node_id is not None else "placed"
+            by_node.setdefault((kind, new.node_id), []).append(old.id)
+        writes = []
+        for (kind, node_id), instance_ids in sorted(by_node.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+            where = f"node {node_id}" if node_id else "no node (pending)"
+            if kind == "moved":
+                message = f"moved {len(instance_ids)} instance(s) from a down node to {where}"
+                event_type = "moved"
+            elif node_id is None:
+                message = f"{len(instance_ids)} instance(s) pending: no ready node"
+                event_type = "pending"
+            else:
+                message = f"placed {len(instance_ids)} instance(s) on {where}"
+                event_type = "placed"
+            message += ": " + ", ".join(sorted(instance_ids)[:10]) + (" ..." if len(instance_ids) > 10 else "")
+            event = Event(time=now, type=event_type, message=message,
+                          instance_id=instance_ids[0] if len(instance_ids) == 1 else None, node_id=node_id)
+            key = self.keys.event(service_id, new_event_id())
+            writes.append(_Write(service_id, [], [self.etcd.ops.put(key, event.to_json())]))
+        return writes
+
+    def _event_trimming(self, service_id: str, spec: ServiceSpec | None) -> list[_Write]:
+        """Delete the events of a deleted service, or the oldest beyond the cap."""
+        events = self.view.events.get(service_id)
+        if not events:
+            return []
+        ops = self.etcd.ops
+        if spec is None:
+            prefix = self.keys.events_of(service_id)
+            return [_Write(service_id, [], [ops.delete(prefix, range_end=aetcd.utils.prefix_range_end(prefix))])]
+        surplus = sorted(events)[:max(0, len(events) - EVENTS_PER_SERVICE)]
+        return [_Write(service_id, [], [ops.delete(self.keys.event(service_id, event_id))]) for event_id in surplus]
 
     def _sized(self, writes: list[_Write]) -> list[_Write]:
         for write in writes:
@@ -119,8 +169,8 @@ class Scheduler:
     def _put_assignment(self, spec: ServiceSpec | None, record: InstanceRecord):
         assert spec is not None and record.node_id is not None
         assignment = Assignment(
-            instance_id=record.id, service_id=record.service_id,
-            index=record.index, command=spec.command,
+            instance_id=record.id, service_id=record.service_id, index=record.index,
+            generation=spec.generation, **spec.run_spec().model_dump(),
         )
         return self.etcd.ops.put(self.keys.assignment(record.node_id, record.id), assignment.to_json())
 

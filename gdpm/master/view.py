@@ -15,8 +15,9 @@ import pydantic
 import structlog
 
 from gdpm.common.etcd import Change
-from gdpm.common.keys import KeyLayout
+from gdpm.common.keys import EVENTS_PER_SERVICE, KeyLayout
 from gdpm.common.models import (
+    Event,
     InstanceRecord,
     InstanceState,
     InstanceStatus,
@@ -42,8 +43,13 @@ class ClusterView:
         # per-node lists and counts without a scan.
         self.placed: dict[str, set[tuple[str, str]]] = defaultdict(set)
 
+        # Each service's event history, by event id (which sorts by time).
+        self.events: dict[str, dict[str, Event]] = defaultdict(dict)
+
         # Services whose desired and assigned instances may differ.
         self.dirty_services: set[str] = set()
+        # Services with more events than EVENTS_PER_SERVICE, to trim.
+        self.events_over_cap: set[str] = set()
         self.changed = asyncio.Event()
 
     # -- feeding the view ------------------------------------------------------------
@@ -79,6 +85,8 @@ class ClusterView:
                 self.nodes[parts[1]] = NodeInfo.model_validate_json(value)
         elif kind == "alive":
             self._apply_alive(parts[1], value is not None)
+        elif kind == "events":
+            self._apply_event(parts[1], parts[2], value)
         # Assignments mirror the instance records; the view reads the records only.
 
     def _apply_service(self, service_id: str, value: bytes | None) -> None:
@@ -101,6 +109,20 @@ class ClusterView:
         if not records:
             del self.instances[service_id]
         self.dirty_services.add(service_id)
+
+    def _apply_event(self, service_id: str, event_id: str, value: bytes | None) -> None:
+        events = self.events[service_id]
+        if value is None:
+            events.pop(event_id, None)
+            if not events:
+                del self.events[service_id]
+            return
+        events[event_id] = Event.model_validate_json(value)
+        if len(events) > EVENTS_PER_SERVICE:
+            self.events_over_cap.add(service_id)
+        if service_id not in self.services:
+            # A late event of a deleted service: the scheduler deletes it.
+            self.dirty_services.add(service_id)
 
     def _apply_alive(self, node_id: str, is_alive: bool) -> None:
         if is_alive == (node_id in self.alive):
@@ -150,6 +172,10 @@ class ClusterView:
         for record in self.instances.get(service_id, {}).values():
             counts[self.instance_state(record)] += 1
         return counts
+
+    def service_events(self, service_id: str) -> list[Event]:
+        events = self.events.get(service_id, {})
+        return [events[event_id] for event_id in sorted(events)]
 
     def node_instances(self, node_id: str) -> list[InstanceRecord]:
         records = []

@@ -22,7 +22,7 @@ import structlog
 
 from gdpm.common.etcd import Change, Etcd, PrefixMirror
 from gdpm.common.keys import KeyLayout
-from gdpm.common.models import Assignment, InstanceStatus
+from gdpm.common.models import Assignment, Event, InstanceStatus, new_event_id, utc_now
 from gdpm.common.tasks import cancel_and_wait, start_task
 from gdpm.slave.guardian import Guardian
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
@@ -46,7 +46,6 @@ class SlaveConfig:
     name: str
     # None: use the TTL the master sends at registration.
     node_ttl: int | None
-    stop_timeout: float
 
 
 class Slave:
@@ -86,8 +85,8 @@ class Slave:
         log.info("registered", name=self.config.name, rejoined=saved_id == self.node_id, node_ttl=self.node_ttl)
 
     def prepare(self, log_dir: Path) -> None:
-        self.settings = RunSettings(node_id=self.node_id, log_dir=log_dir, stop_timeout=self.config.stop_timeout,
-                                    base_env=slave_environment(), tracker=self)
+        self.settings = RunSettings(node_id=self.node_id, log_dir=log_dir, base_env=slave_environment(),
+                                    tracker=self, emit=self._emit_event)
         self.status_writer = StatusWriter(self.etcd, self.keys, self.node_id)
         self.lease_keeper = LeaseKeeper(
             self.etcd, self.keys, self.node_id, self.config.name, self.node_ttl,
@@ -134,12 +133,19 @@ class Slave:
 
     def _ensure_running(self, assignment: Assignment) -> None:
         runner = self.runners.get(assignment.instance_id)
-        if runner is not None and not runner.stopping:
-            return
-        if runner is not None:
+        if runner is None:
+            self._start(assignment)
+        elif runner.stopping:
             self.queued[assignment.instance_id] = assignment
+        elif assignment.generation == runner.assignment.generation:
             return
-        self._start(assignment)
+        elif assignment.run_spec() == runner.assignment.run_spec():
+            runner.rearm(assignment)
+        else:
+            # New run settings: stop this run, then start with the new ones.
+            runner.log.info("run settings changed, restarting", generation=assignment.generation)
+            self.queued[assignment.instance_id] = assignment
+            runner.request_stop()
 
     def _start(self, assignment: Assignment) -> None:
         runner = InstanceRunner(assignment, self.settings, self._publish)
@@ -168,6 +174,10 @@ class Slave:
     def _publish(self, status: InstanceStatus) -> None:
         self.status_writer.publish(status.instance_id, status)
 
+    def _emit_event(self, service_id: str, instance_id: str, event_type: str, message: str) -> None:
+        event = Event(time=utc_now(), type=event_type, message=message, instance_id=instance_id, node_id=self.node_id)
+        self.status_writer.add_event(self.keys.event(service_id, new_event_id()), event)
+
     # -- fencing -----------------------------------------------------------------------
 
     def fence(self, reason: str) -> None:
@@ -182,7 +192,7 @@ class Slave:
         await cancel_and_wait(self.mirror_task)
         pending = list(self.tasks.values())
         if pending:
-            await asyncio.wait(pending, timeout=self.config.stop_timeout + 10)
+            await asyncio.wait(pending, timeout=self._stop_wait())
         self.lease_keeper.fenced = False
         self.start_watching()
 
@@ -196,7 +206,12 @@ class Slave:
         tasks = list(self.tasks.values())
         if tasks:
             log.info("stopping instances", count=len(tasks))
-            await asyncio.wait(tasks, timeout=self.config.stop_timeout + 10)
+            await asyncio.wait(tasks, timeout=self._stop_wait())
+
+    def _stop_wait(self) -> float:
+        """Seconds to wait for every instance to stop: the longest stop timeout, plus SIGKILL's wait."""
+        timeouts = [runner.assignment.stop_timeout for runner in self.runners.values()]
+        return max(timeouts, default=0.0) + 10.0
 
 
 class RegistrationRejected(Exception):

@@ -1,14 +1,13 @@
-"""One assigned instance on a slave: start it, restart it when it ends, stop it on request."""
+"""One assigned instance on a slave: start it, restart it by its policy, stop it on request."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -17,15 +16,9 @@ import structlog
 from gdpm.common.models import Assignment, InstanceState, InstanceStatus, utc_now
 from gdpm.slave.lifecycle import Lifecycle
 from gdpm.slave.process import ChildProcess, spawn_shell
+from gdpm.slave.restarts import Action, RestartTracker
 
 log = structlog.get_logger("gdpm.slave.instance")
-
-# Delay before the first restart of an instance that ended on its own, in seconds. It
-# doubles with each quick failure up to RESTART_DELAY_MAX, and resets once a run has
-# lasted STABLE_RUN seconds.
-RESTART_DELAY_FIRST = 1.0
-RESTART_DELAY_MAX = 30.0
-STABLE_RUN = 10.0
 
 
 class ProcessTracker(Protocol):
@@ -42,15 +35,18 @@ class RunSettings:
 
     node_id: str
     log_dir: Path
-    stop_timeout: float
     base_env: dict[str, str]
     tracker: ProcessTracker
+    # Receives (service_id, instance_id, event type, message) for the service's history.
+    emit: Callable[[str, str, str, str], None]
 
 
 class InstanceRunner:
-    """Runs one instance until :meth:`request_stop`, restarting it when it ends.
+    """Runs one instance until :meth:`request_stop`, restarting it as its policy says.
 
-    ``publish`` receives each new status; the slave sends it to etcd.
+    ``publish`` receives each new status; the slave sends it to etcd. An instance that
+    its policy does not restart, or that failed, waits until :meth:`rearm` (an update
+    of the service) or a stop.
     """
 
     def __init__(self, assignment: Assignment, settings: RunSettings,
@@ -65,7 +61,9 @@ class InstanceRunner:
         self.exit_signal: int | None = None
         self.started_at: datetime | None = None
         self.exited_at: datetime | None = None
+        self.restart_at: datetime | None = None
         self._stop_requested = asyncio.Event()
+        self._rearmed = asyncio.Event()
         self.log = log.bind(instance_id=assignment.instance_id, service_id=assignment.service_id)
 
     @property
@@ -79,6 +77,14 @@ class InstanceRunner:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def rearm(self, assignment: Assignment) -> None:
+        """Take a newer assignment with the same run settings.
+
+        An instance that failed, or that its policy did not restart, starts again.
+        """
+        self.assignment = assignment
+        self._rearmed.set()
+
     def kill_now(self) -> None:
         """SIGKILL the instance's process group at once and stop restarting it (fencing)."""
         self._stop_requested.set()
@@ -91,31 +97,46 @@ class InstanceRunner:
             node_id=self.settings.node_id, state=self.lifecycle.state,
             pid=self.child.pid if self.child and self.child.returncode is None else None,
             exit_code=self.exit_code, exit_signal=self.exit_signal, restarts=self.restarts,
-            started_at=self.started_at, exited_at=self.exited_at,
+            started_at=self.started_at, exited_at=self.exited_at, restart_at=self.restart_at,
         )
 
+    # -- the run loop ------------------------------------------------------------------
+
     async def run(self) -> None:
-        """Start, wait, restart with backoff, until a stop is requested; then stop."""
-        delay = RESTART_DELAY_FIRST
+        """Start, wait, decide by the restart policy, until a stop is requested."""
+        tracker = RestartTracker(self.assignment)
         while not self.stopping:
             ran_for = await self._run_once()
             if self.stopping:
                 break
-            delay = RESTART_DELAY_FIRST if ran_for >= STABLE_RUN else delay
-            pause = delay * random.uniform(0.8, 1.2)
-            self.log.info("restarting after backoff", delay=round(pause, 2), restarts=self.restarts)
-            if await self._stop_within(pause):
+            decision = tracker.after_exit(ran_for, self.exit_code)
+            if decision.action is Action.RESTART:
+                if await self._back_off(decision.delay):
+                    break
+                self.restarts += 1
+                continue
+
+            if decision.action is Action.FAILED:
+                self._move(InstanceState.FAILED)
+                self.log.error("gave up", quick_failures=decision.quick_failures)
+                self._emit("failed", f"failed after {decision.quick_failures} quick failures in a row; "
+                                     "update the service to start it again")
+            if not await self._wait_for_rearm():
                 break
-            delay = min(delay * 2, RESTART_DELAY_MAX)
+            tracker = RestartTracker(self.assignment)
             self.restarts += 1
 
     async def _run_once(self) -> float:
         """Run the command once; return how long it ran, in seconds."""
+        self.restart_at = None
+        # An update that arrives from now on starts the instance again if it finishes.
+        self._rearmed.clear()
         self._move(InstanceState.STARTING)
         try:
             self.child = self._spawn()
         except OSError as error:
             self.log.error("spawn failed", error=str(error))
+            self._emit("spawn-failed", f"spawn failed: {error}")
             self.exit_code, self.exit_signal, self.exited_at = 127, None, utc_now()
             self._move(InstanceState.EXITED)
             return 0.0
@@ -125,6 +146,7 @@ class InstanceRunner:
         self.exit_code = self.exit_signal = self.exited_at = None
         self._move(InstanceState.RUNNING)
         self.log.info("spawned", pid=self.child.pid, command=_shorten(self.assignment.command))
+        self._emit("started", f"started with pid {self.child.pid}")
         try:
             await self._wait_exit_or_stop()
         finally:
@@ -138,17 +160,20 @@ class InstanceRunner:
         stop = asyncio.ensure_future(self._stop_requested.wait())
         await asyncio.wait([exited, stop], return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+        stop_signal = signal.Signals[self.assignment.stop_signal]
+        timeout = self.assignment.stop_timeout
         if not exited.done():
             self._move(InstanceState.STOPPING)
-            self.log.info("stopping", pid=self.child.pid, timeout=self.settings.stop_timeout)
+            self.log.info("stopping", pid=self.child.pid, signal=stop_signal.name, timeout=timeout)
         # After the leader exited on its own, this stops what it left in its group, so
         # a restart does not run next to the previous run's children.
-        await asyncio.shield(self.child.stop(timeout=self.settings.stop_timeout))
+        await asyncio.shield(self.child.stop(stop_signal=stop_signal, timeout=timeout))
         await exited
 
     def _spawn(self) -> ChildProcess:
         assignment = self.assignment
         env = dict(self.settings.base_env)
+        env.update(assignment.env)
         env.update(
             GDPM_SERVICE_ID=assignment.service_id,
             GDPM_INSTANCE_ID=assignment.instance_id,
@@ -157,7 +182,7 @@ class InstanceRunner:
         )
         log_dir = self.settings.log_dir
         return spawn_shell(
-            assignment.command, env=env, cwd=None,
+            assignment.command, env=env, cwd=assignment.cwd,
             stdout_path=log_dir / f"{assignment.instance_id}.stdout.log",
             stderr_path=log_dir / f"{assignment.instance_id}.stderr.log",
         )
@@ -166,23 +191,54 @@ class InstanceRunner:
         self.exited_at = utc_now()
         if returncode < 0:
             self.exit_code, self.exit_signal = None, -returncode
+            how = f"killed by {_signal_name(-returncode)}"
         else:
             self.exit_code, self.exit_signal = returncode, None
+            how = f"exited with code {returncode}"
         self._move(InstanceState.EXITED)
         self.log.info("exited", pid=self.child.pid if self.child else None,
                       exit_code=self.exit_code, exit_signal=self.exit_signal, stopped=self.stopping)
+        self._emit("stopped" if self.stopping else "exited", f"pid {self.child.pid} {how}")
 
-    async def _stop_within(self, seconds: float) -> bool:
+    # -- waiting between runs ------------------------------------------------------------
+
+    async def _back_off(self, delay: float) -> bool:
+        """Wait ``delay`` seconds in BACKOFF; return True if a stop came first."""
+        self.restart_at = utc_now() + timedelta(seconds=delay)
+        self._move(InstanceState.BACKOFF)
+        self.log.info("backing off", delay=round(delay, 2), restarts=self.restarts)
+        self._emit("backoff", f"restarting in {delay:.1f} s")
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(delay):
                 await self._stop_requested.wait()
             return True
         except TimeoutError:
             return False
 
+    async def _wait_for_rearm(self) -> bool:
+        """Wait for an update of the service (True) or a stop (False)."""
+        rearmed = asyncio.ensure_future(self._rearmed.wait())
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        await asyncio.wait([rearmed, stop], return_when=asyncio.FIRST_COMPLETED)
+        rearmed.cancel()
+        stop.cancel()
+        return not self.stopping
+
+    # -- reporting -----------------------------------------------------------------------
+
     def _move(self, state: InstanceState) -> None:
         self.lifecycle.move(state)
         self.publish(self.status())
+
+    def _emit(self, event_type: str, message: str) -> None:
+        self.settings.emit(self.assignment.service_id, self.instance_id, event_type, message)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _shorten(text: str, limit: int = 200) -> str:

@@ -5,13 +5,18 @@ from __future__ import annotations
 from gdpm.common.models import InstanceState
 
 # The states an instance may move to from each state. PENDING is where every
-# instance begins; EXITED -> STARTING is a restart after the instance ended on its own.
+# instance begins. After EXITED the restart policy chooses BACKOFF (a restart is due
+# later), FAILED (too many quick failures) or nothing (the policy does not restart).
+# EXITED -> STARTING and FAILED -> STARTING happen when an update of the service
+# starts a finished instance again.
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
-    InstanceState.PENDING: frozenset({InstanceState.STARTING, InstanceState.EXITED}),
+    InstanceState.PENDING: frozenset({InstanceState.STARTING}),
     InstanceState.STARTING: frozenset({InstanceState.RUNNING, InstanceState.EXITED}),
     InstanceState.RUNNING: frozenset({InstanceState.STOPPING, InstanceState.EXITED}),
     InstanceState.STOPPING: frozenset({InstanceState.EXITED}),
-    InstanceState.EXITED: frozenset({InstanceState.STARTING}),
+    InstanceState.EXITED: frozenset({InstanceState.BACKOFF, InstanceState.FAILED, InstanceState.STARTING}),
+    InstanceState.BACKOFF: frozenset({InstanceState.STARTING}),
+    InstanceState.FAILED: frozenset({InstanceState.STARTING}),
     InstanceState.LOST: frozenset(),
 }
 

@@ -9,9 +9,12 @@ import structlog
 
 from gdpm.common.etcd import Etcd
 from gdpm.common.keys import KeyLayout
-from gdpm.common.models import InstanceStatus
+from gdpm.common.models import Event, InstanceStatus
 
 log = structlog.get_logger("gdpm.slave.status")
+
+# Events kept while etcd is unreachable; older ones are dropped first.
+MAX_QUEUED_EVENTS = 10_000
 
 
 class StatusWriter:
@@ -28,12 +31,19 @@ class StatusWriter:
         self.node_id = node_id
         self.lease_id: int | None = None
         self._pending: dict[str, InstanceStatus | None] = {}
+        self._events: list[tuple[bytes, Event]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def publish(self, instance_id: str, status: InstanceStatus | None) -> None:
         self._pending[instance_id] = status
+        self._idle.clear()
+        self._wake.set()
+
+    def add_event(self, key: bytes, event: Event) -> None:
+        """Queue an event for the service's history; events carry no lease."""
+        self._events.append((key, event))
         self._idle.clear()
         self._wake.set()
 
@@ -56,8 +66,10 @@ class StatusWriter:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, {}
+            events, self._events = self._events, []
+            operations = self._operations(batch) + [self.etcd.ops.put(key, event.to_json()) for key, event in events]
             try:
-                await self.etcd.apply_in_batches(self._operations(batch))
+                await self.etcd.apply_in_batches(operations)
                 retry_delay = 0.1
             # A lost lease also lands here ("requested lease not found"); the agent
             # then grants a new one and the retry succeeds.
@@ -66,10 +78,13 @@ class StatusWriter:
                             error=str(error) or type(error).__name__, retry_in=retry_delay)
                 for instance_id, status in batch.items():
                     self._pending.setdefault(instance_id, status)
+                # Older events go first again, and the history keeps at most a few
+                # hundred per service, so a long outage keeps the newest.
+                self._events = (events + self._events)[-MAX_QUEUED_EVENTS:]
                 await asyncio.sleep(retry_delay)
                 retry_delay = min(retry_delay * 2, 2.0)
                 self._wake.set()
-            if not self._pending:
+            if not self._pending and not self._events:
                 self._idle.set()
 
     def _operations(self, batch: dict[str, InstanceStatus | None]) -> list:

@@ -10,6 +10,7 @@ inherits, so that the teardown can find and SIGKILL any instance left behind.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import importlib.util
 import json as json_module
@@ -27,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from faultproxy import CutMode, FaultProxy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,15 +248,60 @@ def etcd_version(binary: Path) -> tuple[int, ...]:
     return ()
 
 
+def _etcd_arguments(
+    binary: Path, version: tuple[int, ...], name: str, data_dir: Path, client_port: int, peer_port: int,
+    initial_cluster: str, cluster_token: str,
+) -> list[str]:
+    """Build the command line of one etcd member on 127.0.0.1."""
+    client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    arguments = [
+        str(binary),
+        "--name", name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url,
+        "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", initial_cluster,
+        "--initial-cluster-token", cluster_token,
+        "--initial-cluster-state", "new",
+    ]
+    if version >= (3, 4):
+        arguments += ["--logger", "zap"]
+    if version >= (3, 5):
+        # Test data need not survive a power cut; skipping fsync speeds up writes.
+        # A SIGKILLed etcd loses nothing by it: its writes are in the page cache.
+        arguments += ["--unsafe-no-fsync"]
+    return arguments
+
+
+def _etcd_environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    if os.uname().machine == "aarch64":
+        # etcd 3.4 refuses to start on arm64 without this; 3.5 supports arm64.
+        environment["ETCD_UNSUPPORTED_ARCH"] = "arm64"
+    return environment
+
+
 @dataclass
 class EtcdProcess:
-    """A single-member etcd on 127.0.0.1 with its data in ``data_dir``."""
+    """One etcd member on 127.0.0.1 with its data in ``data_dir``.
+
+    ``arguments`` and ``environment`` are kept so that :meth:`start` can start the
+    member again on the same ports with the same data, after :meth:`kill` or
+    :meth:`stop`. Its helpers talk to etcd's JSON gateway (``POST /v3/...``), which
+    etcd 3.4 and 3.5 both serve.
+    """
 
     process: subprocess.Popen
     port: int
     data_dir: Path
     log_path: Path
     version: tuple[int, ...]
+    arguments: list[str] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+    name: str = "test"
+    peer_port: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -266,6 +314,9 @@ class EtcdProcess:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
 
     def healthy(self) -> bool:
         status, body = http_request("GET", f"{self.url}/health", timeout=1.0)
@@ -280,6 +331,113 @@ class EtcdProcess:
     def stop(self) -> int:
         return _stop_process(self.process, STOP_TIMEOUT)
 
+    def kill(self) -> None:
+        """SIGKILL the member and reap it; its data dir stays for :meth:`start`."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(STOP_TIMEOUT)
+
+    def start(self, timeout: float = START_TIMEOUT) -> EtcdProcess:
+        """Start the member again on the same ports and data dir, and wait until it is healthy.
+
+        A member of a cluster reports healthy only once the cluster has a leader again.
+
+        NOTE: the ports were free when the member first started. If another process
+        took one since, etcd exits and this raises with the log's last lines.
+        """
+        if self.running():
+            raise AssertionError(f"etcd {self.name} (pid {self.pid}) is still running; kill or stop it first")
+        assert self.arguments, "this EtcdProcess has no saved command line to start again"
+        self.process = _spawn(self.arguments, self.log_path, self.environment)
+        if not self._wait_started(timeout):
+            raise AssertionError(
+                f"etcd {self.name} exited with code {self.process.returncode} while starting again\n"
+                f"--- last lines of {self.log_path}:\n{tail(self.log_path)}"
+            )
+        return self
+
+    def restart(self) -> EtcdProcess:
+        """Stop the member with SIGTERM, then start it again on the same ports and data dir."""
+        self.stop()
+        return self.start()
+
+    def _wait_started(self, timeout: float) -> bool:
+        """Wait until the member is healthy (True) or has exited (False)."""
+        try:
+            wait_until(
+                lambda: self.process.poll() is not None or self.healthy(),
+                timeout=timeout,
+                message=f"etcd {self.name} (pid {self.pid}) did not report healthy on {self.url}/health",
+            )
+        except AssertionError as error:
+            self.stop()
+            raise AssertionError(f"{error}\n--- last lines of {self.log_path}:\n{tail(self.log_path)}") from None
+        return self.process.poll() is None
+
+    # -- the JSON gateway ----------------------------------------------------------
+
+    def gateway(self, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """POST ``body`` to ``/v3/{path}`` and return the decoded response.
+
+        Raises AssertionError on an error status; a refused connection raises OSError.
+        The gateway encodes 64-bit integers as strings and keys and values as base64.
+        """
+        status, response = http_request("POST", f"{self.url}/v3/{path}", json=body, timeout=timeout)
+        if isinstance(response, str):
+            # etcd 3.4 labels some JSON responses text/plain.
+            try:
+                response = json_module.loads(response)
+            except ValueError:
+                pass
+        if status != 200 or not isinstance(response, dict):
+            raise AssertionError(f"POST {self.url}/v3/{path} {body} failed: HTTP {status}: {response}")
+        return response
+
+    def status(self) -> dict[str, Any]:
+        """Return the member's status: ``header.member_id``, ``leader``, ``version``, ..."""
+        return self.gateway("maintenance/status", {})
+
+    def member_id(self) -> str:
+        return self.status()["header"]["member_id"]
+
+    def revision(self) -> int:
+        """Return the current revision of the key-value store."""
+        return int(self.gateway("kv/range", {"key": _base64(b"\0")})["header"]["revision"])
+
+    def get(self, key: bytes) -> dict[str, Any] | None:
+        """Read one key; return None when missing, else its value and revisions.
+
+        The result has ``value`` (bytes), ``create_revision``, ``mod_revision``,
+        ``version`` (int) and ``lease`` (int, 0 when the key has none).
+        """
+        response = self.gateway("kv/range", {"key": _base64(key)})
+        kvs = response.get("kvs") or []
+        if not kvs:
+            return None
+        kv = kvs[0]
+        return {
+            "value": base64.b64decode(kv.get("value", "")),
+            "create_revision": int(kv.get("create_revision", 0)),
+            "mod_revision": int(kv.get("mod_revision", 0)),
+            "version": int(kv.get("version", 0)),
+            "lease": int(kv.get("lease", 0)),
+        }
+
+    def compact(self, revision: int | None = None) -> int:
+        """Compact the history up to ``revision`` (default: the current one); return it.
+
+        The compaction is physical: it is done when this returns, so a watch from an
+        older revision then fails with "required revision has been compacted".
+        """
+        if revision is None:
+            revision = self.revision()
+        self.gateway("kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
+
+
+def _base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
 
 def start_etcd(binary: Path, data_dir: Path, log_path: Path, attempts: int = 3) -> EtcdProcess:
     """Start etcd on two free loopback ports and wait until GET /health reports healthy.
@@ -290,39 +448,14 @@ def start_etcd(binary: Path, data_dir: Path, log_path: Path, attempts: int = 3) 
     version = etcd_version(binary)
     for attempt in range(1, attempts + 1):
         client_port, peer_port = free_port(), free_port()
-        client_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
-        arguments = [
-            str(binary),
-            "--name", "test",
-            "--data-dir", str(data_dir),
-            "--listen-client-urls", client_url,
-            "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"test={peer_url}",
-            "--initial-cluster-state", "new",
-        ]
-        if version >= (3, 4):
-            arguments += ["--logger", "zap"]
-        if version >= (3, 5):
-            # Test data need not survive a power cut; skipping fsync speeds up writes.
-            arguments += ["--unsafe-no-fsync"]
-        environment = dict(os.environ)
-        if os.uname().machine == "aarch64":
-            # etcd 3.4 refuses to start on arm64 without this; 3.5 supports arm64.
-            environment["ETCD_UNSUPPORTED_ARCH"] = "arm64"
-
-        etcd = EtcdProcess(_spawn(arguments, log_path, environment), client_port, data_dir, log_path, version)
-        try:
-            wait_until(
-                lambda etcd=etcd: etcd.process.poll() is not None or etcd.healthy(),
-                timeout=START_TIMEOUT,
-                message=f"etcd (pid {etcd.pid}) did not report healthy on {client_url}/health",
-            )
-        except AssertionError as error:
-            etcd.stop()
-            raise AssertionError(f"{error}\n--- last lines of {log_path}:\n{tail(log_path)}") from None
-        if etcd.process.poll() is None:
+        arguments = _etcd_arguments(
+            binary, version, "test", data_dir, client_port, peer_port,
+            initial_cluster=f"test=http://127.0.0.1:{peer_port}", cluster_token=f"gdpm-test-{uuid.uuid4().hex[:12]}",
+        )
+        environment = _etcd_environment()
+        etcd = EtcdProcess(_spawn(arguments, log_path, environment), client_port, data_dir, log_path, version,
+                           arguments, environment, "test", peer_port)
+        if etcd._wait_started(START_TIMEOUT):
             return etcd
 
         log_text = tail(log_path)
@@ -332,6 +465,113 @@ def start_etcd(binary: Path, data_dir: Path, log_path: Path, attempts: int = 3) 
                 f"--- last lines of {log_path}:\n{log_text}"
             )
         shutil.rmtree(data_dir, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class EtcdCluster:
+    """etcd members on 127.0.0.1 that form one cluster, each with its own ports and data dir."""
+
+    members: list[EtcdProcess]
+    base_dir: Path
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's client endpoint, comma-separated, as --etcd-endpoints takes them."""
+        return ",".join(member.endpoint for member in self.members)
+
+    def running_members(self) -> list[EtcdProcess]:
+        return [member for member in self.members if member.running()]
+
+    def leader(self) -> EtcdProcess | None:
+        """Return the member that reports itself as the leader, or None during an election.
+
+        Only a member's own claim counts: right after the leader dies, followers may
+        still name it for a moment.
+        """
+        claims = []
+        for member in self.running_members():
+            try:
+                status = member.status()
+            except (OSError, AssertionError):
+                continue
+            if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                claims.append(member)
+        return claims[0] if len(claims) == 1 else None
+
+    def wait_leader(self, timeout: float = START_TIMEOUT) -> EtcdProcess:
+        return wait_until(self.leader, timeout, interval=0.1, message="no etcd member reports itself as the leader")
+
+    def any_member(self) -> EtcdProcess:
+        """Return a running member that reports healthy, for gateway calls."""
+        def healthy_member() -> EtcdProcess | None:
+            return next((member for member in self.running_members() if member.healthy()), None)
+
+        return wait_until(healthy_member, START_TIMEOUT, interval=0.1, message="no healthy etcd member")
+
+    def kill(self, member: EtcdProcess) -> None:
+        """SIGKILL one member; its data dir stays, for :meth:`restart`."""
+        member.kill()
+
+    def restart(self, member: EtcdProcess) -> EtcdProcess:
+        """Start a killed or stopped member again on its ports and data dir; wait until healthy."""
+        if member.running():
+            member.stop()
+        return member.start()
+
+    def stop(self) -> None:
+        """Stop every member (SIGTERM, then SIGKILL); the first error is raised after all stopped."""
+        errors = []
+        for member in self.members:
+            try:
+                member.stop()
+            except Exception as error:  # noqa: BLE001 - re-raised below
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- last lines of {member.log_path}:\n{tail(member.log_path)}" for member in self.members)
+
+
+def start_etcd_cluster(binary: Path, base_dir: Path, size: int = 3, attempts: int = 3) -> EtcdCluster:
+    """Start ``size`` etcd members that form one cluster, and wait until each is healthy.
+
+    Member ``etcd-N`` keeps its data in ``base_dir/etcd-N`` and logs to
+    ``base_dir/etcd-N.log``. As in :func:`start_etcd`, a start that failed on a port
+    taken meanwhile is retried with new ports.
+    """
+    version = etcd_version(binary)
+    environment = _etcd_environment()
+    for attempt in range(1, attempts + 1):
+        names = [f"etcd-{number}" for number in range(1, size + 1)]
+        ports = [(free_port(), free_port()) for _ in names]
+        initial_cluster = ",".join(f"{name}=http://127.0.0.1:{peer}" for name, (_, peer) in zip(names, ports))
+        token = f"gdpm-test-{uuid.uuid4().hex[:12]}"
+        members = []
+        for name, (client_port, peer_port) in zip(names, ports):
+            data_dir, log_path = base_dir / name, base_dir / f"{name}.log"
+            arguments = _etcd_arguments(binary, version, name, data_dir, client_port, peer_port,
+                                        initial_cluster, token)
+            members.append(EtcdProcess(_spawn(arguments, log_path, environment), client_port, data_dir, log_path,
+                                       version, arguments, environment, name, peer_port))
+        cluster = EtcdCluster(members, base_dir)
+
+        try:
+            # Start all before waiting: a member is healthy only once a quorum is up.
+            started = [member._wait_started(START_TIMEOUT) for member in members]
+        except AssertionError:
+            cluster.stop()
+            raise
+        if all(started):
+            return cluster
+
+        cluster.stop()
+        log_text = cluster.log_tails()
+        if "address already in use" not in log_text or attempt == attempts:
+            raise AssertionError(f"an etcd member exited during start-up\n{log_text}")
+        for member in members:
+            shutil.rmtree(member.data_dir, ignore_errors=True)
     raise AssertionError("unreachable")
 
 
@@ -363,6 +603,8 @@ class MasterProcess:
     options: dict[str, Any]
     log_path: Path
     process: subprocess.Popen | None = None
+    # --etcd-endpoints when not the cluster's.
+    etcd_endpoints: str | None = None
 
     @property
     def url(self) -> str:
@@ -381,7 +623,7 @@ class MasterProcess:
         arguments = [
             sys.executable, "-m", "gdpm", "master",
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--etcd-endpoints", self.cluster.etcd_endpoint,
+            "--etcd-endpoints", self.etcd_endpoints or self.cluster.etcd_endpoint,
             "--prefix", self.cluster.prefix,
             *_option_arguments(self.options),
         ]
@@ -434,6 +676,13 @@ class SlaveProcess:
     log_path: Path
     process: subprocess.Popen | None = None
     node_id: str | None = None
+    # --etcd-endpoints when not the cluster's, such as a FaultProxy's endpoint.
+    etcd_endpoints: str | None = None
+    # The master URL that the harness polls to see the node ready (master_url when
+    # None). It differs when the slave reaches its master through a proxy.
+    api_url: str | None = None
+    # The proxies between this slave and etcd and its master, when started behind them.
+    proxies: list[FaultProxy] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -450,7 +699,7 @@ class SlaveProcess:
             "--master", self.master_url,
             "--state-dir", str(self.state_dir),
             "--name", self.name,
-            "--etcd-endpoints", self.cluster.etcd_endpoint,
+            "--etcd-endpoints", self.etcd_endpoints or self.cluster.etcd_endpoint,
             "--prefix", self.cluster.prefix,
             *_option_arguments(self.options),
         ]
@@ -462,13 +711,15 @@ class SlaveProcess:
     def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
         """Wait until GET /api/v1/nodes shows a ready node named like this slave; return its id."""
 
+        api_url = self.api_url or self.master_url
+
         def ready_node_id() -> str | None:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(
                     f"slave {self.name} (pid {self.pid}) exited with code {self.process.returncode} "
                     f"during start-up\n--- last lines of {self.log_path}:\n{tail(self.log_path)}"
                 )
-            status, body = http_request("GET", f"{self.master_url}/api/v1/nodes", timeout=2.0)
+            status, body = http_request("GET", f"{api_url}/api/v1/nodes", timeout=2.0)
             if status != 200:
                 return None
             ready = [node for node in body["nodes"] if node["name"] == self.name and node["state"] == "ready"]
@@ -477,7 +728,7 @@ class SlaveProcess:
 
         self.node_id = wait_until(
             ready_node_id, timeout, interval=0.1,
-            message=f"slave {self.name} did not show ready in GET {self.master_url}/api/v1/nodes",
+            message=f"slave {self.name} did not show ready in GET {api_url}/api/v1/nodes",
         )
         return self.node_id
 
@@ -504,13 +755,27 @@ class SlaveProcess:
         self.stop()
         return self.start(wait_ready=wait_ready)
 
+    def partition(self, mode: CutMode = "blackhole") -> None:
+        """Cut the slave off from etcd and its master: cut every proxy it was started behind."""
+        assert self.proxies, f"slave {self.name} was not started behind proxies (behind_proxies=True)"
+        for proxy in self.proxies:
+            proxy.cut(mode)
+
+    def heal(self, reconnect: bool = True) -> None:
+        """End a partition by restoring every proxy (FaultProxy.restore explains ``reconnect``)."""
+        assert self.proxies, f"slave {self.name} was not started behind proxies (behind_proxies=True)"
+        for proxy in self.proxies:
+            proxy.restore(reconnect=reconnect)
+
 
 @dataclass
 class Cluster:
     """Masters and slaves of one test, sharing one etcd and one key prefix.
 
-    Set ``allow_leftover_processes`` in a test that leaves instances behind on purpose
-    (after a SIGKILLed slave, say); the teardown then kills them without failing.
+    ``etcd_endpoint`` is one endpoint, or several comma-separated for a multi-member
+    etcd cluster. Set ``allow_leftover_processes`` in a test that leaves instances
+    behind on purpose (after a SIGKILLed slave, say); the teardown then kills them
+    without failing.
     """
 
     etcd_endpoint: str
@@ -519,6 +784,7 @@ class Cluster:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     masters: list[MasterProcess] = field(default_factory=list)
     slaves: list[SlaveProcess] = field(default_factory=list)
+    proxies: list[FaultProxy] = field(default_factory=list)
     allow_leftover_processes: bool = False
 
     @property
@@ -544,21 +810,52 @@ class Cluster:
     def url(self) -> str:
         return self.master.url
 
-    def start_master(self, **options: Any) -> MasterProcess:
-        """Start ``gdpm master`` on a free port; options become command-line options (max_replicas=5)."""
+    def start_master(self, *, etcd_endpoints: str | None = None, **options: Any) -> MasterProcess:
+        """Start ``gdpm master`` on a free port; options become command-line options (max_replicas=5).
+
+        ``etcd_endpoints`` replaces the cluster's etcd endpoint.
+        """
         port = options.pop("port", None) or free_port()
         name = "master" if not self.masters else f"master-{len(self.masters) + 1}"
-        master = MasterProcess(self, name, port, options, self.logs_dir / f"{name}.log")
+        master = MasterProcess(self, name, port, options, self.logs_dir / f"{name}.log",
+                               etcd_endpoints=etcd_endpoints)
         self.masters.append(master)
         return master.start()
 
     def start_slave(self, name: str, *, wait_ready: bool = True, master: MasterProcess | None = None,
+                    master_url: str | None = None, etcd_endpoints: str | None = None, behind_proxies: bool = False,
                     **options: Any) -> SlaveProcess:
-        """Start ``gdpm slave --name NAME`` with its state in BASE/NAME; options become command-line options."""
-        master_url = (master or self.master).url
-        slave = SlaveProcess(self, name, master_url, self.base_dir / name, options, self.logs_dir / f"{name}.log")
+        """Start ``gdpm slave --name NAME`` with its state in BASE/NAME; options become command-line options.
+
+        ``master_url`` and ``etcd_endpoints`` replace what the slave is given (the
+        harness still checks readiness on the master itself). ``behind_proxies`` puts a
+        FaultProxy in front of each etcd endpoint and one in front of the master. Then
+        ``slave.partition()`` cuts the slave off completely, because the slave reaches
+        the master only to register, and etcd for its lease, watch and statuses.
+        """
+        api_url = (master or self.master).url
+        if behind_proxies:
+            if master_url is not None or etcd_endpoints is not None:
+                raise ValueError("behind_proxies sets master_url and etcd_endpoints itself; pass neither")
+            etcd_proxies = [self.add_proxy(endpoint) for endpoint in self.etcd_endpoint.split(",")]
+            master_proxy = self.add_proxy(api_url.removeprefix("http://"))
+            etcd_endpoints = ",".join(proxy.endpoint for proxy in etcd_proxies)
+            master_url = master_proxy.url
+            proxies = [*etcd_proxies, master_proxy]
+        else:
+            proxies = []
+        slave = SlaveProcess(self, name, master_url or api_url, self.base_dir / name, options,
+                             self.logs_dir / f"{name}.log", etcd_endpoints=etcd_endpoints, api_url=api_url,
+                             proxies=proxies)
         self.slaves.append(slave)
         return slave.start(wait_ready=wait_ready)
+
+    def add_proxy(self, endpoint: str) -> FaultProxy:
+        """Start a FaultProxy to ``host:port`` that the teardown closes."""
+        host, _, port = endpoint.strip().rpartition(":")
+        proxy = FaultProxy(host, int(port))
+        self.proxies.append(proxy)
+        return proxy
 
     def api(self, method: str, path: str, json: Any = None, data: bytes | str | None = None,
             timeout: float = 10.0) -> tuple[int, Any]:
@@ -581,6 +878,13 @@ class Cluster:
         Returns one line per leftover process that had to be killed.
         """
         errors: list[BaseException] = []
+        # A slave cut off from etcd would spend its stop timeout on a lease revoke that
+        # cannot reach etcd, so reconnect everything first.
+        for proxy in self.proxies:
+            try:
+                proxy.restore()
+            except Exception as error:  # noqa: BLE001 - re-raised below
+                errors.append(error)
         for process in [*self.slaves, *self.masters]:
             # Keep stopping the others when one fails; the first error is raised at the end.
             try:
@@ -592,11 +896,15 @@ class Cluster:
         leftovers = [f"pid {pid}: {_command_line(pid)}" for pid in pids]
         for pid in pids:
             kill_quietly(pid)
-        wait_until(
-            lambda: not [pid for pid in self.marked_processes() if is_alive(pid)],
-            timeout=STOP_TIMEOUT,
-            message=f"processes marked {TEST_RUN_MARKER}={self.run_id} still alive after SIGKILL",
-        )
+        try:
+            wait_until(
+                lambda: not [pid for pid in self.marked_processes() if is_alive(pid)],
+                timeout=STOP_TIMEOUT,
+                message=f"processes marked {TEST_RUN_MARKER}={self.run_id} still alive after SIGKILL",
+            )
+        finally:
+            for proxy in self.proxies:
+                proxy.close()
         if errors:
             raise errors[0]
         return leftovers

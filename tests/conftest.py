@@ -5,6 +5,10 @@ half a second), so tests share no state. ``cluster`` starts no process by itself
 test calls ``cluster.start_master()`` and ``cluster.start_slave(name)``, and the
 teardown stops them all by pid and kills any instance left behind. When a test fails,
 the tails of the master, slave and etcd logs are printed with its report.
+
+``etcd_cluster`` starts three etcd members that form one cluster, and
+``cluster_on_etcd_cluster`` is a Cluster whose processes get all three endpoints.
+Scenarios slower than 15 s carry the ``chaos`` marker, so ``-m 'not chaos'`` skips them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import TEST_RUN_MARKER, Cluster, EtcdProcess, etcd_version, find_etcd_binary, start_etcd, tail
+from cluster import (
+    TEST_RUN_MARKER,
+    Cluster,
+    EtcdCluster,
+    EtcdProcess,
+    etcd_version,
+    find_etcd_binary,
+    start_etcd,
+    start_etcd_cluster,
+    tail,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "chaos: a fault-injection scenario that takes more than 15 s; deselect with -m 'not chaos'",
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -70,15 +91,28 @@ def etcd(etcd_binary: Path, request: pytest.FixtureRequest) -> Iterator[EtcdProc
 
 
 @pytest.fixture
+def etcd_cluster(etcd_binary: Path, request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """Three etcd members forming one cluster on free 127.0.0.1 ports; data dirs removed at teardown."""
+    base_dir = Path(tempfile.mkdtemp(prefix="gdpm-test-etcd-cluster-"))
+    try:
+        members = start_etcd_cluster(etcd_binary, base_dir, size=3)
+        try:
+            yield members
+        finally:
+            members.stop()
+            if _test_failed(request):
+                print(members.log_tails())
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@pytest.fixture
 def prefix() -> str:
     """A key prefix unique to the test, such as /gdpm-test-1f2e3d4c5b6a."""
     return f"/gdpm-test-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def cluster(etcd: EtcdProcess, prefix: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A Cluster on the test's etcd; logs and slave state dirs go under tmp_path."""
-    cluster = Cluster(etcd_endpoint=etcd.endpoint, prefix=prefix, base_dir=tmp_path)
+def _run_cluster(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     yield cluster
 
     try:
@@ -93,3 +127,16 @@ def cluster(etcd: EtcdProcess, prefix: str, tmp_path: Path, request: pytest.Fixt
             + "\n(set cluster.allow_leftover_processes = True in a test that leaves them on purpose)",
             pytrace=False,
         )
+
+
+@pytest.fixture
+def cluster(etcd: EtcdProcess, prefix: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A Cluster on the test's etcd; logs and slave state dirs go under tmp_path."""
+    yield from _run_cluster(Cluster(etcd_endpoint=etcd.endpoint, prefix=prefix, base_dir=tmp_path), request)
+
+
+@pytest.fixture
+def cluster_on_etcd_cluster(etcd_cluster: EtcdCluster, prefix: str, tmp_path: Path,
+                            request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A Cluster whose master and slaves get every member of ``etcd_cluster`` as --etcd-endpoints."""
+    yield from _run_cluster(Cluster(etcd_endpoint=etcd_cluster.endpoints, prefix=prefix, base_dir=tmp_path), request)

@@ -33,10 +33,16 @@ REQUEST_TIMEOUT = 5.0
 # gRPC keepalive pings find a connection that hangs without an error (a network
 # partition, a paused etcd), which would otherwise stall a watch for good. etcd answers
 # pings more frequent than its --grpc-keepalive-min-time (5 s by default) with GOAWAY.
+#
+# gRPC waits 1 s or more before reconnecting after a failure by default; when an etcd
+# member dies, a slave must reach another one well within its fence deadline.
 _CHANNEL_OPTIONS = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 1,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1_000,
 }
 
 

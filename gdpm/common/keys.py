@@ -36,8 +36,10 @@ from dataclasses import dataclass
 
 # Seconds a slave's lease lives without a refresh. A node is shown down, and its
 # instances move, at most this long (plus etcd's lease check interval, 0.5 s) after
-# its slave died, so a dead node's instances run again elsewhere within about 5 s.
-DEFAULT_NODE_TTL = 4
+# its slave died, so a dead node's instances run again elsewhere within about 5.5 s.
+# A slave fences itself one second before the TTL runs out, so an etcd leader
+# election (1 to 2 s with etcd's default election timeout) must fit in 4 s.
+DEFAULT_NODE_TTL = 5
 
 # etcd rejects a transaction with more operations than its --max-txn-ops setting,
 # whose default is 128 in etcd 3.4 and 3.5.

@@ -42,7 +42,7 @@ class RunSettings:
 
 
 class InstanceRunner:
-    """Runs one instance until :meth:`request_stop`, restarting it as its policy says.
+    """Runs one instance until :meth:`request_stop`, restarting it as its restart policy decides.
 
     ``publish`` receives each new status; the slave sends it to etcd. An instance that
     its policy does not restart, or that failed, waits until :meth:`rearm` (an update
@@ -127,7 +127,7 @@ class InstanceRunner:
             self.restarts += 1
 
     async def _run_once(self) -> float:
-        """Run the command once; return how long it ran, in seconds."""
+        """Run the command once and return how long it ran, in seconds."""
         self.restart_at = None
         # An update that arrives from now on starts the instance again if it finishes.
         self._rearmed.clear()

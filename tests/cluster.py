@@ -579,7 +579,7 @@ def start_etcd_cluster(binary: Path, base_dir: Path, size: int = 3, attempts: in
 
 
 def _option_arguments(options: dict[str, Any]) -> list[str]:
-    """Turn keyword options into command-line options: stop_timeout=1 -> --stop-timeout 1.
+    """Turn keyword options into command-line options: node_ttl=3 -> --node-ttl 3.
 
     True adds the bare flag, and False or None leaves the option out.
     """

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -73,12 +77,30 @@ NODE_DETAIL = {**NODES["nodes"][0], "instances": INSTANCES[:1]}
 
 NOT_FOUND = {"error": {"code": "not_found", "message": "service 'nope' not found"}}
 
+EVENTS = {
+    "events": [
+        {"time": "2024-05-01T10:00:03.123456+00:00", "type": "placed", "message": "placed on node alpha",
+         "instance_id": "5e7a1c00-0", "node_id": "a1b2c3d4"},
+        {"time": "2024-05-01T12:00:04+02:00", "type": "exited", "message": "exited with code 3",
+         "instance_id": "5e7a1c00-0", "node_id": "a1b2c3d4"},
+        {"time": "2024-05-01T10:00:05+00:00", "type": "scaled", "message": "replicas 3 -> 4",
+         "instance_id": None, "node_id": None},
+    ]
+}
+
+RUN_SETTINGS = {
+    "env": {"PORT": "8080", "GREETING": "hello world"}, "cwd": "/srv/app", "restart": "on-failure",
+    "restart_delay": 0.5, "restart_delay_max": 30.0, "min_uptime": 10.0, "max_restarts": None,
+    "stop_signal": "SIGINT", "stop_timeout": 2.5,
+}
+
 
 @dataclass
 class RecordedRequest:
     method: str
     path: str
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +109,10 @@ class CannedResponse:
     json_body: Any = None
     text: str | None = None
     delay: float = 0.0
+    # A streamed application/octet-stream body, sent chunk by chunk; with hold_open the
+    # response then stays open, as a followed log does, until the client leaves.
+    chunks: list[bytes] | None = None
+    hold_open: bool = False
 
 
 @dataclass
@@ -101,24 +127,58 @@ class FakeMaster:
               text: str | None = None, delay: float = 0.0) -> None:
         self.responses[(method, path)] = CannedResponse(status, json_body, text, delay)
 
+    def serve_stream(self, path: str, chunks: list[bytes], *, hold_open: bool = False) -> None:
+        self.responses[("GET", path)] = CannedResponse(chunks=chunks, hold_open=hold_open)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = json.loads(raw) if raw else None
-        # raw_path keeps percent-escapes, so a test can check how an id was quoted.
-        self.requests.append(RecordedRequest(request.method, request.raw_path, body))
-        canned = self.responses.get((request.method, request.raw_path))
+        # The raw path keeps percent-escapes, so a test can check how an id was quoted.
+        path = request.rel_url.raw_path
+        self.requests.append(RecordedRequest(request.method, path, body, dict(request.query)))
+        canned = self.responses.get((request.method, path))
         if canned is None:
             return web.json_response(
-                {"error": {"code": "not_found", "message": f"no route for {request.method} {request.raw_path}"}},
+                {"error": {"code": "not_found", "message": f"no route for {request.method} {path}"}},
                 status=404,
             )
         if canned.delay:
             await asyncio.sleep(canned.delay)
+        if canned.chunks is not None:
+            return await self._stream(request, canned)
         if canned.text is not None:
             return web.Response(status=canned.status, text=canned.text, content_type="text/html")
         if canned.json_body is None:
             return web.Response(status=canned.status)
         return web.json_response(canned.json_body, status=canned.status)
+
+    async def _stream(self, request: web.Request, canned: CannedResponse) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        for chunk in canned.chunks:
+            await response.write(chunk)
+        if canned.hold_open:
+            # Ends when the client disconnects, or when the fixture's cleanup cancels it.
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.05)
+            return response
+        await response.write_eof()
+        return response
+
+
+class FrozenDatetime(datetime):
+    """A datetime whose now() is NOW, so that ages such as "5m" do not depend on when a test runs."""
+
+    @classmethod
+    def now(cls, tz=None) -> datetime:
+        return NOW.astimezone(tz) if tz is not None else NOW.replace(tzinfo=None)
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The canned timestamps are computed once, at import, and the whole suite can take
+    # minutes before these tests run.
+    monkeypatch.setattr("gdpm.cli.client.datetime", FrozenDatetime)
 
 
 @pytest.fixture
@@ -368,6 +428,7 @@ def test_master_from_environment(master: FakeMaster) -> None:
         (["get", "service", "5e7a1c00"], "GET", "/api/v1/services/5e7a1c00", 200, SERVICE_DETAIL),
         (["create", "sleep", "600"], "POST", "/api/v1/services", 201, SERVICE),
         (["update", "5e7a1c00", "-r", "3"], "PATCH", "/api/v1/services/5e7a1c00", 200, SERVICE),
+        (["events", "5e7a1c00"], "GET", "/api/v1/services/5e7a1c00/events", 200, EVENTS),
     ],
 )
 def test_json_output_equals_served_json(
@@ -533,6 +594,238 @@ def test_table_in_subprocess_is_plain(master: FakeMaster) -> None:
     assert "\x1b[" not in completed.stdout
     assert "5e7a1c00" in completed.stdout
     assert "9f8e7d6c" in completed.stdout
+
+
+# -- run settings --------------------------------------------------------------------
+
+
+def test_create_sends_only_given_settings(master: FakeMaster) -> None:
+    master.serve("POST", "/api/v1/services", status=201, json_body=SERVICE)
+
+    result = run_client(
+        master.url, "create", "-r", "2", "--env", "PORT=8080", "--env", "GREETING=hello=world", "--env", "EMPTY=",
+        "--cwd", "/srv/app", "--restart", "on-failure", "--restart-delay", "0.5", "--restart-delay-max", "30",
+        "--min-uptime", "10", "--max-restarts", "unlimited", "--stop-signal", "INT", "--stop-timeout", "2.5",
+        "--", "exec", "./server",
+    )
+
+    assert result.exit_code == 0, result.output
+    assert master.requests[0].body == {
+        "command": "exec ./server", "replicas": 2,
+        "env": {"PORT": "8080", "GREETING": "hello=world", "EMPTY": ""}, "cwd": "/srv/app",
+        "restart": "on-failure", "restart_delay": 0.5, "restart_delay_max": 30.0, "min_uptime": 10.0,
+        "max_restarts": None, "stop_signal": "INT", "stop_timeout": 2.5,
+    }
+
+
+def test_create_numbers_for_restarts_and_signal(master: FakeMaster) -> None:
+    master.serve("POST", "/api/v1/services", status=201, json_body=SERVICE)
+
+    result = run_client(master.url, "create", "--max-restarts", "3", "--stop-signal", "15", "sleep", "1")
+
+    assert result.exit_code == 0, result.output
+    assert master.requests[0].body == {"command": "sleep 1", "replicas": 1, "max_restarts": 3, "stop_signal": 15}
+
+
+@pytest.mark.parametrize("args", [
+    ["--env", "NOVALUE"],
+    ["--env", "=value"],
+    ["--max-restarts", "many"],
+    ["--restart", "sometimes"],
+    ["--restart-delay", "soon"],
+])
+def test_create_malformed_setting_is_usage_error(master: FakeMaster, args: list[str]) -> None:
+    result = run_client(master.url, "create", *args, "sleep", "1")
+
+    assert result.exit_code == 2, result.output
+    assert master.requests == []
+
+
+def test_update_settings_without_replicas(master: FakeMaster) -> None:
+    master.serve("PATCH", "/api/v1/services/5e7a1c00", json_body={**SERVICE, **RUN_SETTINGS})
+
+    result = run_client(master.url, "update", "5e7a1c00", "--env", "A=1", "--stop-timeout", "3")
+
+    assert result.exit_code == 0, result.output
+    assert master.requests[0].body == {"env": {"A": "1"}, "stop_timeout": 3.0}
+    assert result.stdout.splitlines()[0] == "updated service 5e7a1c00: env, stop_timeout"
+
+
+def test_update_replicas_and_settings(master: FakeMaster) -> None:
+    master.serve("PATCH", "/api/v1/services/5e7a1c00", json_body={**SERVICE, "replicas": 4})
+
+    result = run_client(master.url, "update", "5e7a1c00", "-r", "4", "--restart", "never")
+
+    assert result.exit_code == 0, result.output
+    assert master.requests[0].body == {"replicas": 4, "restart": "never"}
+    assert result.stdout.splitlines()[0] == "updated service 5e7a1c00: replicas 4, restart"
+
+
+def test_update_without_changes_is_usage_error(master: FakeMaster) -> None:
+    result = run_client(master.url, "update", "5e7a1c00")
+
+    assert result.exit_code == 2
+    assert master.requests == []
+    assert result.stderr.startswith("error: nothing to update")
+
+
+def test_get_service_shows_run_settings_and_new_states(master: FakeMaster) -> None:
+    instances = [
+        {**INSTANCES[0], "state": "backoff", "pid": None, "exit_code": 1, "restarts": 3,
+         "exited_at": FIVE_MINUTES_AGO},
+        {**INSTANCES[1], "state": "failed", "exit_signal": "SIGSEGV", "restarts": 10},
+        {**INSTANCES[2], "state": "exited", "exit_signal": "TERM", "node_id": "a1b2c3d4"},
+    ]
+    master.serve("GET", "/api/v1/services/5e7a1c00", json_body={**SERVICE, **RUN_SETTINGS, "instances": instances})
+
+    result = run_client(master.url, "get", "service", "5e7a1c00")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines[:15] if ":" in line}
+    assert fields["env"] == "PORT=8080 GREETING='hello world'"
+    assert fields["cwd"] == "/srv/app"
+    assert fields["restart"] == "on-failure"
+    assert fields["restart delay"] == "0.5s"
+    assert fields["restart delay max"] == "30s"
+    assert fields["min uptime"] == "10s"
+    assert fields["max restarts"] == "unlimited"
+    assert fields["stop signal"] == "SIGINT"
+    assert fields["stop timeout"] == "2.5s"
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("5e7a1c00-")}
+    assert rows["5e7a1c00-0"] == ["5e7a1c00-0", "0", "a1b2c3d4", "backoff", "-", "1", "3", "5m", "5m"]
+    assert rows["5e7a1c00-1"][3:6] == ["failed", "-", "SIGSEGV"]
+    assert rows["5e7a1c00-2"][3:6] == ["exited", "-", "SIGTERM"]
+
+
+def test_new_states_are_coloured(master: FakeMaster) -> None:
+    instances = [{**INSTANCES[0], "state": "backoff"}, {**INSTANCES[1], "state": "failed"}]
+    master.serve("GET", "/api/v1/services/5e7a1c00", json_body={**SERVICE, "instances": instances})
+
+    result = run_client(master.url, "get", "service", "5e7a1c00", env={"FORCE_COLOR": "1", "COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b[33mbackoff" in result.stdout
+    assert "\x1b[31mfailed" in result.stdout
+
+
+# -- events --------------------------------------------------------------------------
+
+
+def test_events_table(master: FakeMaster) -> None:
+    master.serve("GET", "/api/v1/services/5e7a1c00/events", json_body=EVENTS)
+
+    result = run_client(master.url, "events", "5e7a1c00")
+
+    assert result.exit_code == 0, result.output
+    assert [(r.method, r.path) for r in master.requests] == [("GET", "/api/v1/services/5e7a1c00/events")]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["TIME", "TYPE", "INSTANCE", "NODE", "MESSAGE"]
+    assert lines[1].split() == ["2024-05-01T10:00:03Z", "placed", "5e7a1c00-0", "a1b2c3d4", "placed", "on", "node",
+                                "alpha"]
+    assert lines[2].split()[:2] == ["2024-05-01T10:00:04Z", "exited"]
+    assert lines[3].split() == ["2024-05-01T10:00:05Z", "scaled", "-", "-", "replicas", "3", "->", "4"]
+
+
+def test_events_empty(master: FakeMaster) -> None:
+    master.serve("GET", "/api/v1/services/5e7a1c00/events", json_body={"events": []})
+
+    result = run_client(master.url, "events", "5e7a1c00")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "no events\n"
+
+
+def test_events_unexpected_shape(master: FakeMaster) -> None:
+    master.serve("GET", "/api/v1/services/5e7a1c00/events", json_body={"events": "none"})
+
+    result = run_client(master.url, "events", "5e7a1c00")
+
+    assert_one_error_line(result, "unexpected response", "GET /api/v1/services/5e7a1c00/events")
+
+
+# -- logs ----------------------------------------------------------------------------
+
+LOG_LINES = b"[5e7a1c00-0] \xff\xfe raw bytes\n[gdpm] node e5f6a7b8 (beta) unreachable: Connection refused\n"
+
+
+def test_logs_request_and_raw_bytes(master: FakeMaster) -> None:
+    master.serve_stream("/api/v1/services/5e7a1c00/logs", [LOG_LINES[:20], LOG_LINES[20:]])
+
+    result = run_client(master.url, "logs", "5e7a1c00", "--instance", "5e7a1c00-0", "--tail", "5", "--stderr")
+
+    assert result.exit_code == 0, result.output
+    assert master.requests[0].path == "/api/v1/services/5e7a1c00/logs"
+    assert master.requests[0].query == {"tail": "5", "stream": "stderr", "follow": "0", "instance": "5e7a1c00-0"}
+    assert result.stdout_bytes == LOG_LINES
+
+
+def test_logs_defaults(master: FakeMaster) -> None:
+    master.serve_stream("/api/v1/services/5e7a1c00/logs", [])
+
+    result = run_client(master.url, "logs", "5e7a1c00")
+
+    assert result.exit_code == 0, result.output
+    assert master.requests[0].query == {"tail": "100", "stream": "stdout", "follow": "0"}
+    assert result.stdout_bytes == b""
+
+
+def test_logs_unknown_service_is_one_line(master: FakeMaster) -> None:
+    master.serve("GET", "/api/v1/services/nope/logs", status=404, json_body=NOT_FOUND)
+
+    result = run_client(master.url, "logs", "nope")
+
+    assert_one_error_line(result, "service 'nope' not found (HTTP 404)")
+
+
+@pytest.mark.parametrize("tail", ["-1", "100001", "many"])
+def test_logs_invalid_tail_is_usage_error(master: FakeMaster, tail: str) -> None:
+    result = run_client(master.url, "logs", "5e7a1c00", "--tail", tail)
+
+    assert result.exit_code == 2
+    assert master.requests == []
+
+
+def test_logs_unreachable_master_is_one_line(closed_port_url: str) -> None:
+    result = run_client(closed_port_url, "logs", "5e7a1c00", "-f")
+
+    assert_one_error_line(result, f"cannot reach the master at {closed_port_url}", "Connection refused")
+
+
+def read_until(stream, expected: bytes, timeout: float = 30.0) -> bytes:
+    """Read a pipe until ``expected`` appears in what was read, or fail after ``timeout`` seconds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while expected not in data:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{expected!r} not read within {timeout} s; read {data!r}"
+        ready, _, _ = select.select([stream], [], [], remaining)
+        if ready:
+            chunk = os.read(stream.fileno(), 65536)
+            assert chunk, f"end of output before {expected!r}; read {data!r}"
+            data += chunk
+    return data
+
+
+def test_logs_follow_until_ctrl_c(master: FakeMaster) -> None:
+    master.serve_stream("/api/v1/services/5e7a1c00/logs", [LOG_LINES], hold_open=True)
+    process = subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "gdpm", "client", "--master", master.url, "logs", "5e7a1c00", "-f"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert read_until(process.stdout, LOG_LINES) == LOG_LINES
+        assert master.requests[0].query["follow"] == "1"
+
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == 130
+    assert stderr == b""
 
 
 # -- rendering helpers ---------------------------------------------------------------

@@ -108,7 +108,7 @@ def test_cluster_runs_service_on_slave(cluster: Cluster) -> None:
     the teardown would find them. Delete the service and wait until its processes exit.
     """
     cluster.start_master()
-    alpha = cluster.start_slave("alpha", stop_timeout=2)
+    alpha = cluster.start_slave("alpha", node_ttl=5)
 
     status, body = cluster.api("GET", "/api/v1/nodes")
     assert status == 200

@@ -1,7 +1,8 @@
-"""``gdpm client``: list, create, scale and delete services through the master's HTTP API.
+"""``gdpm client``: list, create, change and delete services, and read their logs, through the master's HTTP API.
 
 Each command sends one request to ``/api/v1`` and prints the result as a table or, with
-``-o json``, as the JSON the API returned. Every failure ends the command with one
+``-o json``, as the JSON the API returned. ``logs`` instead copies the master's stream
+of log lines to stdout as it arrives. Every failure ends the command with one
 ``error: ...`` line on stderr: exit status 1 for a failed request, 2 for invalid input.
 """
 
@@ -11,8 +12,10 @@ import asyncio
 import enum
 import json
 import os
+import signal
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -36,10 +39,24 @@ BODY_EXCERPT_LENGTH = 200
 
 START_HINT = "start one with 'gdpm master' or set --master/GDPM_MASTER"
 
+# Exit statuses of ``logs`` when Ctrl-C or a closed pipe ends it: 128 plus the signal
+# number, as a shell reports a program that SIGINT or SIGPIPE ended.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+# Largest --tail the master accepts.
+MAX_TAIL = 100_000
+
 
 class OutputFormat(str, enum.Enum):
     TABLE = "table"
     JSON = "json"
+
+
+class RestartPolicy(str, enum.Enum):
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
 
 
 @dataclass(frozen=True)
@@ -103,8 +120,28 @@ class MasterClient:
         time, returns an HTTP error, or returns a body that is not JSON. Exits with
         status 2 when aiohttp rejects the master URL.
         """
+        response = self._run(method, path, self._send(method, path, payload))
+        return self._decode(method, path, response)
+
+    def stream(self, path: str, params: dict[str, str], write: Callable[[bytes], None], *, follow: bool) -> None:
+        """GET ``path`` and pass each chunk of the body to ``write`` as it arrives.
+
+        Without ``follow``, each read must get data within the timeout. With it, the
+        stream may stay silent for any time. Exits as :meth:`request` does for an
+        error before the body, with status 1 when the stream breaks later, and with
+        EXIT_INTERRUPTED on Ctrl-C.
+        """
         try:
-            response = asyncio.run(self._send(method, path, payload))
+            response = self._run("GET", path, self._stream(path, params, write, follow))
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        if response is not None:
+            self._decode("GET", path, response)
+
+    def _run(self, method: str, path: str, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine``, turning the failures of aiohttp into one error line and an exit."""
+        try:
+            return asyncio.run(coroutine)
         except TimeoutError:
             # aiohttp's ServerTimeoutError and ConnectionTimeoutError are TimeoutErrors too.
             _fail(
@@ -117,7 +154,6 @@ class MasterClient:
             _fail(f"invalid master URL {str(error.url)!r}: expected http://HOST:PORT, such as {DEFAULT_MASTER_URL}", 2)
         except aiohttp.ClientError as error:
             _fail(f"{method} {path} to the master at {self.base_url} failed: {_describe(error)}")
-        return self._decode(method, path, response)
 
     def expect_object(self, method: str, path: str, body: Any) -> dict[str, Any]:
         """Return the body when it is a JSON object, or exit with status 1."""
@@ -146,6 +182,19 @@ class MasterClient:
             ) as response:
                 body = await response.read()
                 return _Response(response.status, response.reason or "", response.content_type, body)
+
+    async def _stream(self, path: str, params: dict[str, str], write: Callable[[bytes], None],
+                      follow: bool) -> _Response | None:
+        """Copy the body to ``write``; return the response instead when its status is not 200."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=None if follow else self.timeout)
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+            async with session.get(self.base_url + path, params=params) as response:
+                if response.status != 200:
+                    body = await response.read()
+                    return _Response(response.status, response.reason or "", response.content_type, body)
+                async for chunk in response.content.iter_any():
+                    write(chunk)
+        return None
 
     def _decode(self, method: str, path: str, response: _Response) -> Any:
         if response.status >= 400:
@@ -308,6 +357,76 @@ def get_service(ctx: typer.Context, service_id: str = _id_argument("service")) -
     _print_result(settings, service, lambda console, now: render.print_service(console, service, now))
 
 
+# -- run settings of create and update -------------------------------------------------
+
+_ENV_HELP = "Environment variable for each instance, as KEY=VALUE; repeat for more."
+_CWD_HELP = "Absolute working directory of each instance."
+_RESTART_HELP = "When an instance that exited on its own is started again."
+_RESTART_DELAY_HELP = "Seconds before the first restart; the delay doubles with each quick failure."
+_RESTART_DELAY_MAX_HELP = "Longest delay between two restarts, in seconds."
+_MIN_UPTIME_HELP = "Seconds a run must last to count as stable, which resets the restart delay."
+_MAX_RESTARTS_HELP = "Quick failures in a row before the instance is marked failed, or 'unlimited'."
+_STOP_SIGNAL_HELP = "Signal that stops an instance, as a name (SIGTERM, TERM) or a number."
+_STOP_TIMEOUT_HELP = "Seconds between the stop signal and SIGKILL."
+
+
+def _parse_env(entries: list[str] | None) -> dict[str, str] | None:
+    """Return the --env entries as a dict (the last value of a repeated KEY wins), or None when none was given."""
+    if not entries:
+        return None
+    env: dict[str, str] = {}
+    for entry in entries:
+        key, separator, value = entry.partition("=")
+        if not separator or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {entry!r}", param_hint="'--env'")
+        env[key] = value
+    return env
+
+
+def _parse_max_restarts(value: str) -> int | None:
+    """Return the --max-restarts value as an int, or None (JSON null, no limit) for 'unlimited'."""
+    if value.strip().lower() == "unlimited":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected an integer or 'unlimited', got {value!r}",
+                                 param_hint="'--max-restarts'") from None
+
+
+def _parse_stop_signal(value: str | None) -> str | int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    return int(text) if text.isdigit() else text
+
+
+def _run_settings(
+    *, env: list[str] | None, cwd: str | None, restart: RestartPolicy | None, restart_delay: float | None,
+    restart_delay_max: float | None, min_uptime: float | None, max_restarts: str | None,
+    stop_signal: str | None, stop_timeout: float | None,
+) -> dict[str, Any]:
+    """Return the API fields of the run-setting options that were given, and only those."""
+    settings: dict[str, Any] = {}
+    parsed_env = _parse_env(env)
+    if parsed_env is not None:
+        settings["env"] = parsed_env
+    if cwd is not None:
+        settings["cwd"] = cwd
+    if restart is not None:
+        settings["restart"] = restart.value
+    for field, value in (("restart_delay", restart_delay), ("restart_delay_max", restart_delay_max),
+                         ("min_uptime", min_uptime), ("stop_timeout", stop_timeout)):
+        if value is not None:
+            settings[field] = value
+    if max_restarts is not None:
+        settings["max_restarts"] = _parse_max_restarts(max_restarts)
+    parsed_signal = _parse_stop_signal(stop_signal)
+    if parsed_signal is not None:
+        settings["stop_signal"] = parsed_signal
+    return settings
+
+
 @client_app.command()
 def create(
     ctx: typer.Context,
@@ -319,14 +438,30 @@ def create(
         ),
     ),
     replicas: int = typer.Option(1, "-r", "--replicas", help="Number of instances to run."),
+    env: list[str] = typer.Option(None, "--env", metavar="KEY=VALUE", help=_ENV_HELP),
+    cwd: str | None = typer.Option(None, "--cwd", metavar="PATH", help=_CWD_HELP),
+    restart: RestartPolicy | None = typer.Option(None, "--restart", case_sensitive=False, help=_RESTART_HELP),
+    restart_delay: float | None = typer.Option(None, "--restart-delay", metavar="SECONDS", help=_RESTART_DELAY_HELP),
+    restart_delay_max: float | None = typer.Option(
+        None, "--restart-delay-max", metavar="SECONDS", help=_RESTART_DELAY_MAX_HELP),
+    min_uptime: float | None = typer.Option(None, "--min-uptime", metavar="SECONDS", help=_MIN_UPTIME_HELP),
+    max_restarts: str | None = typer.Option(None, "--max-restarts", metavar="N", help=_MAX_RESTARTS_HELP),
+    stop_signal: str | None = typer.Option(None, "--stop-signal", metavar="SIGNAL", help=_STOP_SIGNAL_HELP),
+    stop_timeout: float | None = typer.Option(None, "--stop-timeout", metavar="SECONDS", help=_STOP_TIMEOUT_HELP),
 ) -> None:
     """Create a service that runs COMMAND in REPLICAS instances.
 
-    Example: gdpm client create -r 3 'echo started; sleep 600'
+    Only the settings given are sent; the master applies its defaults to the others.
+
+    Example: gdpm client create -r 3 --env PORT=8080 --restart on-failure 'exec ./server'
     """
     settings = _settings(ctx)
+    run_settings = _run_settings(
+        env=env, cwd=cwd, restart=restart, restart_delay=restart_delay, restart_delay_max=restart_delay_max,
+        min_uptime=min_uptime, max_restarts=max_restarts, stop_signal=stop_signal, stop_timeout=stop_timeout,
+    )
     client = MasterClient(settings)
-    payload = {"command": " ".join(command), "replicas": replicas}
+    payload = {"command": " ".join(command), "replicas": replicas, **run_settings}
     service = client.expect_object("POST", SERVICES_PATH, client.request("POST", SERVICES_PATH, payload))
 
     def print_table(console: Console, now: datetime) -> None:
@@ -340,19 +475,121 @@ def create(
 def update(
     ctx: typer.Context,
     service_id: str = _id_argument("service"),
-    replicas: int = typer.Option(..., "-r", "--replicas", help="New number of instances."),
+    replicas: int | None = typer.Option(None, "-r", "--replicas", help="New number of instances."),
+    env: list[str] = typer.Option(
+        None, "--env", metavar="KEY=VALUE", help=_ENV_HELP + " Replaces the whole environment of the service."),
+    cwd: str | None = typer.Option(None, "--cwd", metavar="PATH", help=_CWD_HELP),
+    restart: RestartPolicy | None = typer.Option(None, "--restart", case_sensitive=False, help=_RESTART_HELP),
+    restart_delay: float | None = typer.Option(None, "--restart-delay", metavar="SECONDS", help=_RESTART_DELAY_HELP),
+    restart_delay_max: float | None = typer.Option(
+        None, "--restart-delay-max", metavar="SECONDS", help=_RESTART_DELAY_MAX_HELP),
+    min_uptime: float | None = typer.Option(None, "--min-uptime", metavar="SECONDS", help=_MIN_UPTIME_HELP),
+    max_restarts: str | None = typer.Option(None, "--max-restarts", metavar="N", help=_MAX_RESTARTS_HELP),
+    stop_signal: str | None = typer.Option(None, "--stop-signal", metavar="SIGNAL", help=_STOP_SIGNAL_HELP),
+    stop_timeout: float | None = typer.Option(None, "--stop-timeout", metavar="SECONDS", help=_STOP_TIMEOUT_HELP),
 ) -> None:
-    """Change the number of instances of a service."""
+    """Change the number of instances or the run settings of a service.
+
+    Only the options given are changed. A change of run settings restarts the
+    instances with the new settings.
+    """
     settings = _settings(ctx)
+    payload = _run_settings(
+        env=env, cwd=cwd, restart=restart, restart_delay=restart_delay, restart_delay_max=restart_delay_max,
+        min_uptime=min_uptime, max_restarts=max_restarts, stop_signal=stop_signal, stop_timeout=stop_timeout,
+    )
+    if replicas is not None:
+        payload = {"replicas": replicas, **payload}
+    if not payload:
+        _fail("nothing to update: give -r/--replicas or a run setting such as --env or --restart", 2)
     client = MasterClient(settings)
     path = _item_path(SERVICES_PATH, service_id)
-    service = client.expect_object("PATCH", path, client.request("PATCH", path, {"replicas": replicas}))
+    service = client.expect_object("PATCH", path, client.request("PATCH", path, payload))
 
     def print_table(console: Console, now: datetime) -> None:
-        console.print(f"updated service {service.get('id', service_id)}: replicas {service.get('replicas', replicas)}")
+        changes = [f"replicas {service.get('replicas', replicas)}" if field == "replicas" else field
+                   for field in payload]
+        console.print(f"updated service {service.get('id', service_id)}: {', '.join(changes)}")
         render.print_table(console, render.services_table([service], now))
 
     _print_result(settings, service, print_table)
+
+
+# -- logs and events -------------------------------------------------------------------
+
+
+def _stdout_writer() -> Callable[[bytes], None]:
+    """Return a function that writes bytes to stdout as they are and flushes them at once."""
+    sys.stdout.flush()
+    binary = getattr(sys.stdout, "buffer", None)
+
+    def write(data: bytes) -> None:
+        if binary is not None:
+            binary.write(data)
+            binary.flush()
+        else:
+            # A text-only stdout (some test runners): the bytes that are not UTF-8 are
+            # written back as they were by surrogateescape where the stream allows it.
+            sys.stdout.write(data.decode("utf-8", errors="surrogateescape"))
+            sys.stdout.flush()
+
+    return write
+
+
+def _quiet_broken_pipe() -> None:
+    """Point stdout at /dev/null after the reader of a pipe closed it, so that Python's final flush does not fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # No real file descriptor behind stdout.
+
+
+@client_app.command()
+def logs(
+    ctx: typer.Context,
+    service_id: str = typer.Argument(..., metavar="SERVICE", callback=_validate_id, help="Id of the service."),
+    instance: str | None = typer.Option(
+        None, "--instance", metavar="ID", callback=lambda value: value if value is None else _validate_id(value),
+        help="Show only this instance, such as 5e7a1c00-0.",
+    ),
+    tail: int = typer.Option(
+        100, "--tail", "-n", min=0, max=MAX_TAIL, metavar="N", help="Lines to show from the end of each instance's log.",
+    ),
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines until Ctrl-C."),
+    stderr: bool = typer.Option(False, "--stderr", help="Show the instances' stderr instead of their stdout."),
+) -> None:
+    """Print the output of a service's instances, each line prefixed with [INSTANCE_ID].
+
+    The lines come from the slaves that store them, through the master. Lines from gdpm
+    itself, such as a node that cannot be reached, start with \\[gdpm]. With -f, new lines
+    appear as the instances write them, also across restarts and moves to other
+    nodes, until Ctrl-C, which ends the command with exit status 130. Bytes are written
+    to stdout as the instances wrote them, so output that is not UTF-8 stays as it was.
+    """
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    params = {"tail": str(tail), "stream": "stderr" if stderr else "stdout", "follow": "1" if follow else "0"}
+    if instance is not None:
+        params["instance"] = instance
+    try:
+        client.stream(_item_path(SERVICES_PATH, service_id) + "/logs", params, _stdout_writer(), follow=follow)
+    except BrokenPipeError:
+        # The reader of the pipe (head, say) has what it wanted.
+        _quiet_broken_pipe()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+
+
+@client_app.command()
+def events(ctx: typer.Context, service_id: str = _id_argument("service")) -> None:
+    """Show the event history of a service: placements, starts, exits, restarts and failures."""
+    settings = _settings(ctx)
+    client = MasterClient(settings)
+    path = _item_path(SERVICES_PATH, service_id) + "/events"
+    body = client.request("GET", path)
+    items = client.expect_list("GET", path, body, "events")
+    _print_result(settings, body, lambda console, now: render.print_events(console, items, now))
 
 
 @client_app.command()

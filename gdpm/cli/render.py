@@ -7,9 +7,9 @@ field does not break the tables.
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
+import shlex
 import signal
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -38,6 +38,8 @@ STATE_STYLES = {
     "pending": "yellow",
     "starting": "yellow",
     "stopping": "yellow",
+    "backoff": "yellow",
+    "failed": "red",
 }
 
 
@@ -242,17 +244,59 @@ def print_node(console: Console, node: Mapping[str, Any], now: datetime) -> None
 
 
 def print_service(console: Console, service: Mapping[str, Any], now: datetime) -> None:
-    """Print a service's fields, one per line, then the table of its instances."""
-    _print_fields(console, [
+    """Print a service's fields, one per line, then the table of its instances.
+
+    The run settings (env, cwd, restart policy, delays, stop signal and timeout) are
+    printed after the other fields, each only when the service's JSON has it.
+    """
+    fields = [
         ("service", _cell(service.get("id"))),
         ("command", _cell(service.get("command"))),
         ("replicas", _cell(service.get("replicas"))),
         ("running", _cell(service.get("running"))),
         ("pending", _cell(service.get("pending"))),
         ("created", Text(format_time(service.get("created_at"), now))),
-    ])
+    ]
+    for field, label, format_value in _RUN_SETTING_FIELDS:
+        if field in service:
+            fields.append((label, Text(printable(format_value(service[field])))))
+    _print_fields(console, fields)
     if "instances" in service:
         _print_instances(console, _instance_list(service.get("instances")), now, parent="service")
+
+
+def print_events(console: Console, events: list[Mapping[str, Any]], now: datetime) -> None:
+    if not events:
+        console.print("no events")
+        return
+    print_table(console, events_table(events, now))
+
+
+def events_table(events: Iterable[Mapping[str, Any]], now: datetime) -> Table:
+    """Build the table of ``events``: one row per event, with its time in UTC to the second."""
+    table = _new_table()
+    table.add_column("TIME", no_wrap=True)
+    table.add_column("TYPE", no_wrap=True)
+    _add_id_column(table, "INSTANCE")
+    _add_id_column(table, "NODE")
+    table.add_column("MESSAGE")
+    for event in events:
+        table.add_row(
+            Text(format_event_time(event.get("time"))),
+            _cell(event.get("type")),
+            _cell(event.get("instance_id")),
+            _cell(event.get("node_id")),
+            _cell(event.get("message")),
+        )
+    return table
+
+
+def format_event_time(timestamp: Any) -> str:
+    """Return an ISO-8601 timestamp in UTC to the second, as ``2024-05-01T10:00:03Z``; other values unchanged."""
+    moment = _parse_time(timestamp)
+    if moment is None:
+        return MISSING if timestamp is None else printable(str(timestamp))
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -308,14 +352,60 @@ def _instance_list(instances: Any) -> list[Mapping[str, Any]]:
 
 
 def _exit_text(instance: Mapping[str, Any]) -> str:
-    signal_number = instance.get("exit_signal")
-    if signal_number is not None:
-        try:
-            return signal.Signals(int(signal_number)).name
-        except (TypeError, ValueError):
-            return f"signal {signal_number}"
+    exit_signal = instance.get("exit_signal")
+    if exit_signal is not None:
+        return signal_name(exit_signal)
     exit_code = instance.get("exit_code")
-    return MISSING if exit_code is None else str(exit_code)
+    return MISSING if exit_code is None else printable(str(exit_code))
+
+
+def signal_name(value: Any) -> str:
+    """Return a signal's name, such as ``SIGKILL``, from its number (9 or "9") or its name ("SIGKILL", "KILL")."""
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        try:
+            return signal.Signals(int(text)).name
+        except ValueError:
+            return f"signal {text}"
+    name = text.upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    return name if name in signal.Signals.__members__ else printable(text)
+
+
+def _format_seconds(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}s"
+    return MISSING if value is None else str(value)
+
+
+def _format_env(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return MISSING if value is None else str(value)
+    if not value:
+        return MISSING
+    return " ".join(f"{name}={shlex.quote(str(item))}" for name, item in value.items())
+
+
+def _format_max_restarts(value: Any) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def _format_plain(value: Any) -> str:
+    return MISSING if value is None else str(value)
+
+
+# The run settings of ``get service``: API field, label, and how the value is shown.
+_RUN_SETTING_FIELDS = (
+    ("env", "env", _format_env),
+    ("cwd", "cwd", _format_plain),
+    ("restart", "restart", _format_plain),
+    ("restart_delay", "restart delay", _format_seconds),
+    ("restart_delay_max", "restart delay max", _format_seconds),
+    ("min_uptime", "min uptime", _format_seconds),
+    ("max_restarts", "max restarts", _format_max_restarts),
+    ("stop_signal", "stop signal", lambda value: MISSING if value is None else signal_name(value)),
+    ("stop_timeout", "stop timeout", _format_seconds),
+)
 
 
 def _parse_time(timestamp: Any) -> datetime | None:

@@ -96,6 +96,26 @@ def slave(
         None, "--node-ttl", envvar="GDPM_NODE_TTL", min=2,
         help="Seconds the node's lease lives without a refresh [default: the master's --node-ttl].",
     ),
+    log_host: str = typer.Option(
+        "127.0.0.1", "--log-host", envvar="GDPM_LOG_HOST",
+        help="Address the instance log server listens on; the master fetches logs from it.",
+    ),
+    log_port: int = typer.Option(
+        0, "--log-port", envvar="GDPM_LOG_PORT", min=0, max=65535,
+        help="Port of the instance log server; 0 picks a free one.",
+    ),
+    log_advertise_host: str = typer.Option(
+        None, "--log-advertise-host", envvar="GDPM_LOG_ADVERTISE_HOST",
+        help="Host name or address the master uses to reach the log server [default: --log-host].",
+    ),
+    log_max_bytes: int = typer.Option(
+        10 * 1024 * 1024, "--log-max-bytes", envvar="GDPM_LOG_MAX_BYTES", min=4096,
+        help="Size in bytes at which an instance's stdout or stderr file is rotated.",
+    ),
+    log_backups: int = typer.Option(
+        5, "--log-backups", envvar="GDPM_LOG_BACKUPS", min=0, max=1000,
+        help="Rotated files kept per instance and stream.",
+    ),
     log_level: str = LogLevelOption,
     log_json: bool = LogJsonOption,
 ) -> None:
@@ -113,6 +133,11 @@ def slave(
         state_dir=_state_dir_or_exit(state_dir or _default_state_dir()),
         name=name or socket.gethostname(),
         node_ttl=node_ttl,
+        log_host=log_host,
+        log_port=log_port,
+        log_advertise_host=log_advertise_host,
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
     )
     asyncio.run(run_slave(config))
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from gdpm.common.etcd import Etcd, PrefixMirror
 from gdpm.common.keys import DEFAULT_NODE_TTL, KeyLayout
 from gdpm.common.tasks import cancel_and_wait, start_task
-from gdpm.master import api_compat, api_v1
+from gdpm.master import api_compat, api_v1, logs
 from gdpm.master.errors import ApiError, error_middleware
 from gdpm.master.operations import Operations
 from gdpm.master.scheduler import Scheduler
@@ -53,7 +53,9 @@ def build_app(config: MasterConfig, view: ClusterView, mirror: PrefixMirror, ope
     app["max_body_size"] = MAX_BODY_SIZE
     app.router.add_get("/healthz", healthz)
     app.add_routes(api_v1.routes)
+    app.add_routes(logs.routes)
     app.add_routes(api_compat.routes)
+    logs.setup_log_client(app)
     return app
 
 

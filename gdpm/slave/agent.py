@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aetcd.exceptions
 import aiohttp
+from aiohttp import web
 import pydantic
 import structlog
 
@@ -28,6 +29,8 @@ from gdpm.slave.guardian import Guardian
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
 from gdpm.slave.journal import ProcessJournal
 from gdpm.slave.lease import LeaseKeeper
+from gdpm.slave.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from gdpm.slave.logserver import build_log_app, start_log_server
 from gdpm.slave.process import ChildProcess, become_subreaper
 from gdpm.slave.status import StatusWriter
 
@@ -46,6 +49,11 @@ class SlaveConfig:
     name: str
     # None: use the TTL the master sends at registration.
     node_ttl: int | None
+    log_host: str = "127.0.0.1"
+    log_port: int = 0
+    log_advertise_host: str | None = None
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_backups: int = DEFAULT_BACKUPS
 
 
 class Slave:
@@ -55,6 +63,7 @@ class Slave:
         self.etcd = Etcd(config.etcd_endpoints)
         self.node_id = ""
         self.node_ttl = config.node_ttl
+        self.log_url: str | None = None
         self.journal = ProcessJournal(config.state_dir / "processes.journal")
         self.guardian: Guardian | None = None
         self.runners: dict[str, InstanceRunner] = {}
@@ -73,7 +82,7 @@ class Slave:
         """Get a node id from the master, keeping the one saved by an earlier run."""
         id_file = self.config.state_dir / "node_id"
         saved_id = id_file.read_text().strip() if id_file.exists() else None
-        body = {"name": self.config.name, "node_id": saved_id}
+        body = {"name": self.config.name, "node_id": saved_id, "log_url": self.log_url}
         url = f"{self.config.master_url}/api/v1/nodes/register"
         node = await _post_with_retry(url, body)
         self.node_id = node["id"]
@@ -86,7 +95,8 @@ class Slave:
 
     def prepare(self, log_dir: Path) -> None:
         self.settings = RunSettings(node_id=self.node_id, log_dir=log_dir, base_env=slave_environment(),
-                                    tracker=self, emit=self._emit_event)
+                                    tracker=self, emit=self._emit_event,
+                                    log_max_bytes=self.config.log_max_bytes, log_backups=self.config.log_backups)
         self.status_writer = StatusWriter(self.etcd, self.keys, self.node_id)
         self.lease_keeper = LeaseKeeper(
             self.etcd, self.keys, self.node_id, self.config.name, self.node_ttl,
@@ -259,7 +269,9 @@ async def run_slave(config: SlaveConfig) -> None:
     slave.journal.open()
     slave.guardian = Guardian.start(loop)
     tasks: list[asyncio.Task] = []
+    log_server = None
     try:
+        log_server, slave.log_url = await _start_log_server(config, log_dir)
         try:
             await _until_stopped(stop, slave.register())
         except RegistrationRejected as error:
@@ -279,16 +291,29 @@ async def run_slave(config: SlaveConfig) -> None:
         log.info("slave started", state_dir=str(config.state_dir))
         await stop.wait()
     finally:
-        await asyncio.shield(_shutdown(slave, tasks))
+        await asyncio.shield(_shutdown(slave, tasks, log_server))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
 
-async def _shutdown(slave: Slave, tasks: list[asyncio.Task]) -> None:
+async def _start_log_server(config: SlaveConfig, log_dir: Path) -> tuple[web.AppRunner, str]:
+    try:
+        runner, url = await start_log_server(build_log_app(log_dir), config.log_host, config.log_port,
+                                             advertise_host=config.log_advertise_host)
+    except OSError as error:
+        raise SystemExit(f"error: cannot listen on {config.log_host}:{config.log_port} for the log server: "
+                         f"{error.strerror}; choose another --log-port") from None
+    log.info("log server started", url=url)
+    return runner, url
+
+
+async def _shutdown(slave: Slave, tasks: list[asyncio.Task], log_server: web.AppRunner | None) -> None:
     """Stop instances, flush their last statuses, revoke the lease, close etcd."""
     lease_tasks = [task for task in tasks if task.get_name() != "status-writer"]
     await cancel_and_wait(slave.mirror_task, *lease_tasks)
     await slave.stop_all()
+    if log_server is not None:
+        await log_server.cleanup()
     if slave.status_writer is not None:
         try:
             await slave.status_writer.flushed(SHUTDOWN_FLUSH_TIMEOUT)

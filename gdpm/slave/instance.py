@@ -16,6 +16,7 @@ import structlog
 from gdpm.common.models import Assignment, InstanceState, InstanceStatus, utc_now
 from gdpm.slave.lifecycle import Lifecycle
 from gdpm.slave.process import ChildProcess, spawn_shell
+from gdpm.slave.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from gdpm.slave.restarts import Action, RestartTracker
 
 log = structlog.get_logger("gdpm.slave.instance")
@@ -39,6 +40,9 @@ class RunSettings:
     tracker: ProcessTracker
     # Receives (service_id, instance_id, event type, message) for the service's history.
     emit: Callable[[str, str, str, str], None]
+    # Size at which a log file is rotated, and rotated files kept per stream.
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_backups: int = DEFAULT_BACKUPS
 
 
 class InstanceRunner:

@@ -249,6 +249,126 @@ async def test_spawn_unopenable_log_raises(tmp_path, broken):
     assert not (tmp_path / "started").exists()
 
 
+def read_pipe_to_eof(read_fd: int) -> bytes:
+    """Read what a pipe holds, and fail unless every write end is closed (EOF)."""
+    os.set_blocking(read_fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(read_fd, 65536)
+        except BlockingIOError:
+            raise AssertionError(f"no EOF on the pipe after {data!r}: a copy of the write end is still open")
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.fixture
+def pipe():
+    read_fd, write_fd = os.pipe()
+    yield read_fd, write_fd
+    for fd in (read_fd, write_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # The test closed it.
+
+
+async def test_spawn_stdout_to_pipe(tmp_path, pipe):
+    read_fd, write_fd = pipe
+    child = spawn_shell("echo out; echo err >&2", env=TEST_ENV, cwd=None,
+                        stdout=write_fd, stderr=tmp_path / "err.log")
+    os.close(write_fd)
+
+    assert await child.wait() == 0
+    assert read_pipe_to_eof(read_fd) == b"out\n"
+    assert (tmp_path / "err.log").read_text() == "err\n"
+
+
+async def test_spawn_both_outputs_to_one_pipe(pipe):
+    read_fd, write_fd = pipe
+    child = spawn_shell("echo one; echo two >&2; echo three", env=TEST_ENV, cwd=None,
+                        stdout=write_fd, stderr=write_fd)
+    os.close(write_fd)
+
+    assert await child.wait() == 0
+    assert read_pipe_to_eof(read_fd) == b"one\ntwo\nthree\n"
+
+
+@pytest.mark.parametrize("inheritable", [False, True], ids=["cloexec", "inheritable"])
+async def test_spawn_pipe_child_fds_only_stdio(spawn, tmp_path, pipe, inheritable):
+    read_fd, write_fd = pipe
+    os.set_inheritable(write_fd, inheritable)
+    child = spawn_shell("sleep 1000", env=TEST_ENV, cwd=None, stdout=write_fd, stderr=write_fd)
+    try:
+        os.close(write_fd)
+        await wait_until(sleep_in_group(child))
+
+        for pid in [child.pid, *sleep_pids(child)]:
+            assert open_fds(pid) == [0, 1, 2], f"fds of {comm(pid)}"
+            assert os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:")
+            assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2")
+    finally:
+        child.signal_group(signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), 5)
+    await wait_until(lambda: not group_members(child.pid))
+    assert read_pipe_to_eof(read_fd) == b""
+
+
+async def test_spawn_output_fd_zero(pipe):
+    # The caller's pipe is its fd 0, which the child's own stdin (/dev/null) replaces.
+    read_fd, write_fd = pipe
+    saved_stdin = os.dup(0)
+    try:
+        os.dup2(write_fd, 0)
+        os.close(write_fd)
+        child = spawn_shell("echo out; echo err >&2", env=TEST_ENV, cwd=None, stdout=0, stderr=0)
+    finally:
+        os.dup2(saved_stdin, 0)
+        os.close(saved_stdin)
+
+    assert await child.wait() == 0
+    assert read_pipe_to_eof(read_fd) == b"out\nerr\n"
+
+
+async def test_spawn_closed_fd_raises(tmp_path):
+    # Far above every open descriptor, so that the log file that spawn_shell opens cannot take its number.
+    closed_fd = max(open_fds()) + 1000
+    fds_before = open_fds()
+
+    with pytest.raises(OSError, match=f"invalid stderr file descriptor {closed_fd}"):
+        spawn_shell("touch started", env=TEST_ENV, cwd=str(tmp_path),
+                    stdout=tmp_path / "out.log", stderr=closed_fd)
+
+    assert open_fds() == fds_before
+    assert not (tmp_path / "started").exists()
+
+
+@pytest.mark.parametrize("arguments, error", [
+    ({"stdout": "PATH", "stdout_path": "PATH", "stderr": "PATH"}, TypeError),
+    ({"stderr": "PATH"}, TypeError),
+    ({"stdout": -1, "stderr": "PATH"}, ValueError),
+    ({"stdout": "PATH", "stderr": "PATH", "marker": b"GDPM_INSTANCE_ID"}, ValueError),
+    ({"stdout": "PATH", "stderr": "PATH", "marker": b"GDPM_INSTANCE_ID=web-0"}, ValueError),
+], ids=["stdout-twice", "stdout-missing", "negative-fd", "marker-without-equals", "marker-not-in-env"])
+async def test_spawn_invalid_arguments_raise(tmp_path, arguments, error):
+    arguments = {key: tmp_path / "out.log" if value == "PATH" else value for key, value in arguments.items()}
+
+    with pytest.raises(error):
+        spawn_shell("touch started", env=TEST_ENV, cwd=str(tmp_path), **arguments)
+
+    assert not (tmp_path / "started").exists()
+
+
+async def test_spawn_stores_marker(spawn, tmp_path):
+    child = spawn_shell("exit 0", env={**TEST_ENV, "GDPM_INSTANCE_ID": "web-0"}, cwd=None,
+                        stdout=tmp_path / "out.log", stderr=tmp_path / "err.log",
+                        marker=b"GDPM_INSTANCE_ID=web-0")
+
+    assert child.marker == b"GDPM_INSTANCE_ID=web-0"
+    assert await child.wait() == 0
+
+
 async def test_spawn_without_loop_raises(tmp_path):
     def spawn_outside_loop() -> None:
         spawn_shell(
@@ -498,7 +618,9 @@ async def test_stop_only_zombie_left(spawn, tmp_path):
 
         assert await asyncio.wait_for(child.stop(timeout=0.3), 5) == 0
 
-        assert stat_fields(middle)[0] != "Z", "stop() leaves processes of other groups alone"
+        # middle left the session, and its parent link leads to PID 1 (no subreaper
+        # here) and no marker was given, so stop() cannot tell that it is the instance's.
+        assert stat_fields(middle)[0] != "Z", "stop() killed a process it had no way to trace"
     finally:
         os.kill(middle, signal.SIGKILL)
 

@@ -303,7 +303,6 @@ async def _start_log_server(config: SlaveConfig, log_dir: Path) -> tuple[web.App
     except OSError as error:
         raise SystemExit(f"error: cannot listen on {config.log_host}:{config.log_port} for the log server: "
                          f"{error.strerror}; choose another --log-port") from None
-    log.info("log server started", url=url)
     return runner, url
 
 

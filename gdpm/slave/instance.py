@@ -16,10 +16,13 @@ import structlog
 from gdpm.common.models import Assignment, InstanceState, InstanceStatus, utc_now
 from gdpm.slave.lifecycle import Lifecycle
 from gdpm.slave.process import ChildProcess, spawn_shell
-from gdpm.slave.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from gdpm.slave.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, STREAMS, LogSink
 from gdpm.slave.restarts import Action, RestartTracker
 
 log = structlog.get_logger("gdpm.slave.instance")
+
+# Seconds to keep reading an instance's output after its processes are gone.
+LOG_DRAIN_TIMEOUT = 1.0
 
 
 class ProcessTracker(Protocol):
@@ -68,6 +71,13 @@ class InstanceRunner:
         self.restart_at: datetime | None = None
         self._stop_requested = asyncio.Event()
         self._rearmed = asyncio.Event()
+        # Set by fencing: the stop then SIGKILLs everything at once.
+        self._kill = False
+        self.sinks = {
+            stream: LogSink(settings.log_dir, assignment.instance_id, stream,
+                            max_bytes=settings.log_max_bytes, backups=settings.log_backups)
+            for stream in STREAMS
+        }
         self.log = log.bind(instance_id=assignment.instance_id, service_id=assignment.service_id)
 
     @property
@@ -91,6 +101,7 @@ class InstanceRunner:
 
     def kill_now(self) -> None:
         """SIGKILL the instance's process group at once and stop restarting it (fencing)."""
+        self._kill = True
         self._stop_requested.set()
         if self.child is not None and self.child.returncode is None:
             self.child.signal_group(signal.SIGKILL)
@@ -108,6 +119,13 @@ class InstanceRunner:
 
     async def run(self) -> None:
         """Start, wait, decide by the restart policy, until a stop is requested."""
+        try:
+            await self._supervise()
+        finally:
+            for sink in self.sinks.values():
+                sink.close()
+
+    async def _supervise(self) -> None:
         tracker = RestartTracker(self.assignment)
         while not self.stopping:
             ran_for = await self._run_once()
@@ -139,6 +157,8 @@ class InstanceRunner:
         try:
             self.child = self._spawn()
         except OSError as error:
+            for sink in self.sinks.values():
+                sink.close()
             self.log.error("spawn failed", error=str(error))
             self._emit("spawn-failed", f"spawn failed: {error}")
             self.exit_code, self.exit_signal, self.exited_at = 127, None, utc_now()
@@ -156,6 +176,9 @@ class InstanceRunner:
         finally:
             self.settings.tracker.ended(self.child)
         self._record_exit(self.child.returncode)
+        # The group is gone, so the pipes reach EOF at once, unless a daemon that the
+        # stop could not trace still holds them: then stop reading after a second.
+        await asyncio.gather(*(sink.drain(LOG_DRAIN_TIMEOUT) for sink in self.sinks.values()))
         return (self.exited_at - self.started_at).total_seconds()
 
     async def _wait_exit_or_stop(self) -> None:
@@ -166,6 +189,8 @@ class InstanceRunner:
         stop.cancel()
         stop_signal = signal.Signals[self.assignment.stop_signal]
         timeout = self.assignment.stop_timeout
+        if self._kill:
+            stop_signal, timeout = signal.SIGKILL, 0.0
         if not exited.done():
             self._move(InstanceState.STOPPING)
             self.log.info("stopping", pid=self.child.pid, signal=stop_signal.name, timeout=timeout)
@@ -184,12 +209,15 @@ class InstanceRunner:
             GDPM_INSTANCE_INDEX=str(assignment.index),
             GDPM_NODE_ID=self.settings.node_id,
         )
-        log_dir = self.settings.log_dir
-        return spawn_shell(
-            assignment.command, env=env, cwd=assignment.cwd,
-            stdout_path=log_dir / f"{assignment.instance_id}.stdout.log",
-            stderr_path=log_dir / f"{assignment.instance_id}.stderr.log",
-        )
+        marker = f"GDPM_INSTANCE_ID={assignment.instance_id}".encode()
+        stdout = self.sinks["stdout"].open_pipe()
+        stderr = self.sinks["stderr"].open_pipe()
+        try:
+            return spawn_shell(assignment.command, env=env, cwd=assignment.cwd,
+                               stdout=stdout, stderr=stderr, marker=marker)
+        finally:
+            for sink in self.sinks.values():
+                sink.close_write_end()
 
     def _record_exit(self, returncode: int) -> None:
         self.exited_at = utc_now()

@@ -307,6 +307,9 @@ def _item_path(collection: str, item_id: str) -> str:
 def _validate_id(value: str) -> str:
     if not value.strip():
         raise typer.BadParameter("must not be empty")
+    # A URL path resolves "." and ".." before the master sees them.
+    if value in (".", ".."):
+        raise typer.BadParameter(f"{value!r} is not an id; ids look like 3fa2c1b0")
     return value
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -92,6 +94,27 @@ def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+# Cached responses kept at most, across all paths.
+_CACHE_ENTRIES = 1024
+
+
+def _cached_json(request: web.Request, build: Callable[[], Any]) -> web.Response:
+    """Return ``build()`` as JSON, encoded once per revision of the view and path.
+
+    The view changes only when the mirror applies etcd changes, and each change
+    advances the mirror's revision, so a body encoded at the current revision is
+    current. A cluster at rest then serves its largest listings without encoding them.
+    """
+    cache: dict[str, tuple[int, bytes]] = request.app["response_cache"]
+    revision = request.app["mirror"].revision
+    entry = cache.get(request.path_qs)
+    if entry is None or entry[0] != revision:
+        if len(cache) >= _CACHE_ENTRIES:
+            cache.clear()
+        entry = cache[request.path_qs] = (revision, json.dumps(build()).encode())
+    return web.Response(body=entry[1], content_type="application/json")
+
+
 def _service_or_404(request: web.Request) -> ServiceSpec:
     service_id = request.match_info["service_id"]
     spec = _view(request).services.get(service_id)
@@ -106,8 +129,12 @@ def _service_or_404(request: web.Request) -> ServiceSpec:
 @routes.get("/api/v1/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
     view = _view(request)
-    nodes = sorted(view.nodes.values(), key=lambda node: (node.registered_at, node.id))
-    return web.json_response({"nodes": [node_json(view, node) for node in nodes]})
+
+    def build() -> dict[str, Any]:
+        nodes = sorted(view.nodes.values(), key=lambda node: (node.registered_at, node.id))
+        return {"nodes": [node_json(view, node) for node in nodes]}
+
+    return _cached_json(request, build)
 
 
 @routes.get("/api/v1/nodes/{node_id}")
@@ -117,7 +144,7 @@ async def get_node(request: web.Request) -> web.Response:
     node = view.nodes.get(node_id)
     if node is None:
         raise not_found("node", node_id)
-    return web.json_response(node_json(view, node, with_instances=True))
+    return _cached_json(request, lambda: node_json(view, node, with_instances=True))
 
 
 @routes.delete("/api/v1/nodes/{node_id}")
@@ -144,8 +171,12 @@ async def register_node(request: web.Request) -> web.Response:
 @routes.get("/api/v1/services")
 async def list_services(request: web.Request) -> web.Response:
     view = _view(request)
-    specs = sorted(view.services.values(), key=lambda spec: (spec.created_at, spec.id))
-    return web.json_response({"services": [service_json(view, spec) for spec in specs]})
+
+    def build() -> dict[str, Any]:
+        specs = sorted(view.services.values(), key=lambda spec: (spec.created_at, spec.id))
+        return {"services": [service_json(view, spec) for spec in specs]}
+
+    return _cached_json(request, build)
 
 
 @routes.post("/api/v1/services")
@@ -162,7 +193,7 @@ async def create_service(request: web.Request) -> web.Response:
 @routes.get("/api/v1/services/{service_id}")
 async def get_service(request: web.Request) -> web.Response:
     spec = _service_or_404(request)
-    return web.json_response(service_json(_view(request), spec, with_instances=True))
+    return _cached_json(request, lambda: service_json(_view(request), spec, with_instances=True))
 
 
 @routes.patch("/api/v1/services/{service_id}")

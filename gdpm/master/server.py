@@ -51,6 +51,7 @@ def build_app(config: MasterConfig, view: ClusterView, mirror: PrefixMirror, ope
     app["max_replicas"] = config.max_replicas
     app["node_ttl"] = config.node_ttl
     app["max_body_size"] = MAX_BODY_SIZE
+    app["response_cache"] = {}
     app.router.add_get("/healthz", healthz)
     app.add_routes(api_v1.routes)
     app.add_routes(logs.routes)

@@ -11,6 +11,7 @@ revokes the lease and exits.
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,7 @@ async def run_slave(config: SlaveConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     become_subreaper(loop)
+    _raise_open_file_limit()
     slave = Slave(config)
     killed = slave.journal.kill_leftovers()
     if killed:
@@ -294,6 +296,24 @@ async def run_slave(config: SlaveConfig) -> None:
         await asyncio.shield(_shutdown(slave, tasks, log_server))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft limit of open files to the hard limit.
+
+    Each instance holds about five descriptors in the slave (a pidfd, two pipe ends,
+    two log files), and the soft limit is often 1024, far below the hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open file limit", soft=soft, hard=hard, error=str(error))
+            return
+        soft = target
+    log.info("open file limit", limit=soft, instances_at_most=soft // 5)
 
 
 async def _start_log_server(config: SlaveConfig, log_dir: Path) -> tuple[web.AppRunner, str]:

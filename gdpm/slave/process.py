@@ -892,6 +892,11 @@ def become_subreaper(loop: asyncio.AbstractEventLoop) -> bool:
                     error=str(error))
         return False
     loop.add_signal_handler(signal.SIGCHLD, _reap_exited_children)
+    # A burst of exits fills asyncio's signal wakeup socket, and CPython then prints a
+    # warning for each signal that does not fit. Nothing is lost: the bytes already in
+    # the socket run _reap_exited_children, which reaps every child that has exited.
+    wakeup_fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False)
     return True
 
 

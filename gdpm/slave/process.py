@@ -556,6 +556,10 @@ class ChildProcess:
         return child
 
     def _watch_exit(self) -> None:
+        if self._loop in _reaper_loops:
+            # The SIGCHLD reaper of become_subreaper reaps this child through the
+            # _children registry, so a pidfd would only cost a descriptor per instance.
+            return
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except (AttributeError, OSError) as error:
@@ -871,6 +875,9 @@ _children: dict[int, ChildProcess] = {}
 
 _PR_SET_CHILD_SUBREAPER = 36
 
+# Event loops whose SIGCHLD handler reaps every child (see become_subreaper).
+_reaper_loops: set[asyncio.AbstractEventLoop] = set()
+
 
 def become_subreaper(loop: asyncio.AbstractEventLoop) -> bool:
     """Make this process the reaper of its orphaned descendants, and reap them on SIGCHLD.
@@ -892,6 +899,7 @@ def become_subreaper(loop: asyncio.AbstractEventLoop) -> bool:
                     error=str(error))
         return False
     loop.add_signal_handler(signal.SIGCHLD, _reap_exited_children)
+    _reaper_loops.add(loop)
     # A burst of exits fills asyncio's signal wakeup socket, and CPython then prints a
     # warning for each signal that does not fit. Nothing is lost: the bytes already in
     # the socket run _reap_exited_children, which reaps every child that has exited.
@@ -904,7 +912,12 @@ def stop_being_subreaper(loop: asyncio.AbstractEventLoop) -> None:
     """Undo become_subreaper: orphans go to PID 1 again, SIGCHLD gets its default action."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     loop.remove_signal_handler(signal.SIGCHLD)
+    _reaper_loops.discard(loop)
     _reap_exited_children()
+    # Children that relied on the SIGCHLD reaper get a pidfd of their own again.
+    for child in list(_children.values()):
+        if child._loop is loop and child._pidfd is None and child.returncode is None:
+            child._watch_exit()
 
 
 def _reap_exited_children() -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gdpm.dev import find_processes_with_env
+
 from faultproxy import CutMode, FaultProxy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,25 +143,13 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def processes_with_env(name: str, value: str) -> list[int]:
-    """List the pids whose initial environment contains ``name=value``.
+    """List the pids whose initial environment contains ``name=value``, sorted.
 
     Reads /proc/PID/environ, which shows the environment a process started with, not
-    later changes.
-    Processes that vanish while being read, or that may not be read, are skipped.
+    later changes. Processes that vanish while being read, or that may not be read,
+    are skipped.
     """
-    needle = f"{name}={value}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as environ:
-                variables = environ.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in variables:
-            pids.append(int(entry))
-    return sorted(pids)
+    return sorted(find_processes_with_env(name, value))
 
 
 def process_group(pid: int) -> int | None:

@@ -307,7 +307,7 @@ def _item_path(collection: str, item_id: str) -> str:
 def _validate_id(value: str) -> str:
     if not value.strip():
         raise typer.BadParameter("must not be empty")
-    # A URL path resolves "." and ".." before the master sees them.
+    # URL path resolution turns "." and ".." into other paths before the master gets them.
     if value in (".", ".."):
         raise typer.BadParameter(f"{value!r} is not an id; ids look like 3fa2c1b0")
     return value

@@ -115,7 +115,7 @@ class InstanceRecord(_Document):
 
 
 class Assignment(RunSpec):
-    """What a slave must run for one instance: everything it needs, in one key."""
+    """The instructions for one instance on one slave: its ids and run settings, in one key."""
 
     instance_id: str
     service_id: str

@@ -80,8 +80,8 @@ async def error_middleware(
             raise
         return error_response(request, _from_http_exception(request, exception))
     except aetcd.exceptions.ConnectionTimeoutError as error:
-        # The request may have reached etcd and been applied: say so, or a retry of a
-        # create would make a second service.
+        # The request may have reached etcd and been applied. The message states that,
+        # because a blind retry of a create would make a second service.
         log.warning("etcd request timed out", method=request.method, path=request.path, error=str(error))
         return error_response(request, ApiError(
             503, "etcd did not respond in time, so the change may or may not have been applied; "

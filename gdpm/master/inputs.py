@@ -142,7 +142,7 @@ RUN_SETTING_FIELDS = (
 
 MAX_ENV_ENTRIES = 1000
 MAX_ENV_BYTES = 64 * 1024
-# Longest delay or timeout accepted, in seconds: one day.
+# Maximum delay or timeout accepted, in seconds: one day.
 MAX_SECONDS = 86_400.0
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

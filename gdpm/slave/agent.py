@@ -301,8 +301,8 @@ async def run_slave(config: SlaveConfig) -> None:
 def _raise_open_file_limit() -> None:
     """Raise the soft limit of open files to the hard limit.
 
-    Each instance holds about five descriptors in the slave (a pidfd, two pipe ends,
-    two log files), and the soft limit is often 1024, far below the hard one.
+    Each instance uses four descriptors in the slave (two pipe read ends and two log
+    files), and the soft limit is often 1024, far below the hard one.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:

@@ -28,8 +28,8 @@ LOG_DRAIN_TIMEOUT = 1.0
 
 # Seconds of spawning allowed in one pass of the event loop. A burst of assignments
 # makes every runner ready at once, and asyncio runs all ready callbacks of a pass
-# before it looks at timers and sockets again: 5000 spawns at about 2 ms each held
-# the loop for 10 s, past the lease's fence deadline, and the slave killed them all.
+# before it looks at timers and sockets again. In a benchmark, 5000 spawns of about
+# 2 ms each held the loop for 10 s, past the fence deadline, so the slave killed them all.
 SPAWN_BUDGET_PER_PASS = 0.05
 
 
@@ -222,8 +222,8 @@ class InstanceRunner:
         finally:
             self.settings.tracker.ended(self.child)
         self._record_exit(self.child.returncode)
-        # The group is gone, so the pipes reach EOF at once, unless a daemon that the
-        # stop could not trace still holds them: then stop reading after a second.
+        # The group is gone, so the pipes reach EOF at once. A daemon that the stop could
+        # not trace may keep them open, so reading stops after LOG_DRAIN_TIMEOUT.
         await asyncio.gather(*(sink.drain(LOG_DRAIN_TIMEOUT) for sink in self.sinks.values()))
         return (self.exited_at - self.started_at).total_seconds()
 

@@ -11,9 +11,9 @@ the slave's event loop runs and the clocks of the slave and etcd advance at abou
 same rate. etcd also extends every lease when a new leader is elected, which only
 widens the margin.
 
-A fenced slave starts nothing until etcd is reachable again. If its old lease is still
-alive (the outage was shorter than the TTL as etcd saw it), it keeps it; otherwise it
-grants a new one. Either way it then re-reads its assignments from etcd.
+A fenced slave starts nothing until etcd is reachable again. It keeps its old lease if
+that is still alive, because the outage was shorter than the TTL as etcd measured it.
+Otherwise it grants a new one. Either way it then re-reads its assignments from etcd.
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ The child's stdin is ``/dev/null``. Its stdout and stderr are log files opened i
 append mode, or descriptors that the caller passes, such as the write end of a pipe
 that the caller drains.
 
-Why a pidfd: ``os.pidfd_open(pid)`` returns a file descriptor that becomes readable
-when the process exits, so the event loop watches all children with one epoll set:
-no thread per child and no polling timer. The child is reaped with ``waitpid`` as
+How exits are seen: in a process that called ``become_subreaper`` (the slave), one
+SIGCHLD handler reaps every exited child with ``waitid`` and hands each status to its
+ChildProcess, so an instance costs no descriptor and no thread. Elsewhere each child
+gets a pidfd (``os.pidfd_open``), which becomes readable when the process exits, so the
+event loop watches all children with one epoll set. Either way the child is reaped as
 soon as it exits, whether or not anyone awaits it, so no zombie is left behind.
 
 A stop reaches every descendant of the instance, not only its process group: see

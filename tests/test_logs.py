@@ -307,7 +307,7 @@ async def test_drain_keeps_output_of_term_handler(tmp_path: Path, children: list
             child = spawn(children, command, write_fd)
         finally:
             sink.close_write_end()
-        await wait_for(lambda: sink.path.read_bytes().startswith(b"ready\n"))
+        await wait_for(lambda: stored_bytes(tmp_path).startswith(b"ready\n"))
 
         os.killpg(child.pid, signal.SIGTERM)
         assert await wait_exit(child) == 0
@@ -339,12 +339,52 @@ async def test_drain_times_out_when_daemon_holds_pipe(tmp_path: Path, children: 
     assert sink.path.read_bytes() == b"before\nstarted\n"
 
 
-async def test_open_pipe_raises_when_directory_missing(tmp_path: Path) -> None:
-    sink = LogSink(tmp_path / "missing", INSTANCE, "stdout")
+async def test_file_created_at_first_output(tmp_path: Path) -> None:
+    sink = LogSink(tmp_path, INSTANCE, "stdout")
+    try:
+        write_fd = sink.open_pipe()
+        assert not sink.path.exists()
+        os.write(write_fd, b"first\n")
+        await wait_for(sink.path.exists)
+        assert sink.path.read_bytes() == b"first\n"
+    finally:
+        sink.close()
 
-    with pytest.raises(FileNotFoundError):
-        sink.open_pipe()
-    sink.close()
+
+async def test_removed_log_directory_created_again(tmp_path: Path) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    sink = LogSink(directory, INSTANCE, "stdout")
+    try:
+        write_fd = sink.open_pipe()
+        directory.rmdir()
+        os.write(write_fd, b"after rmdir\n")
+        await wait_for(sink.path.exists)
+    finally:
+        sink.close()
+    assert sink.path.read_bytes() == b"after rmdir\n"
+    assert sink.bytes_dropped == 0
+
+
+async def test_open_files_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Five sinks write in turn with room for two open files: each file is closed when
+    # two others were written after it, and opened again at its next write.
+    monkeypatch.setattr(logs, "_open_files", logs._OpenFiles(2))
+    sinks = [LogSink(tmp_path, f"5e7a1c00-{index}", "stdout") for index in range(5)]
+    write_fds = [sink.open_pipe() for sink in sinks]
+    try:
+        for round_number in range(3):
+            for index, (sink, write_fd) in enumerate(zip(sinks, write_fds)):
+                os.write(write_fd, f"{round_number}\n".encode())
+                await wait_for(lambda: sink.bytes_written == 2 * (round_number + 1))
+                written_last = {sink} if round_number == index == 0 else {sink, sinks[index - 1]}
+                assert {other for other in sinks if other._file_fd is not None} == written_last
+    finally:
+        for sink in sinks:
+            sink.close()
+    assert len(logs._open_files) == 0
+    for sink in sinks:
+        assert sink.path.read_bytes() == b"0\n1\n2\n"
 
 
 async def test_close_reads_what_is_buffered(tmp_path: Path) -> None:

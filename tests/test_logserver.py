@@ -173,6 +173,21 @@ async def test_slave_unknown_instance_is_404(slave: SlaveServer, http: aiohttp.C
         assert await response.text() == f"no stdout log for instance {INSTANCE} on this node\n"
 
 
+async def test_slave_running_instance_without_output_is_empty(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The slave creates a log file at the first output, so a quiet instance has none.
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    runner, url = await start_log_server(build_log_app(log_dir, {INSTANCE}.__contains__), "127.0.0.1", 0)
+    try:
+        async with http.get(f"{url}/v1/logs/{INSTANCE}") as response:
+            assert response.status == 200
+            assert await response.read() == b""
+        async with http.get(f"{url}/v1/logs/{SERVICE}-1") as response:
+            assert response.status == 404
+    finally:
+        await runner.cleanup()
+
+
 async def test_slave_follow(slave: SlaveServer, http: aiohttp.ClientSession) -> None:
     slave.write(INSTANCE, b"old 1\nold 2\n")
 

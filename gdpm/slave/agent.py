@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from gdpm.slave.guardian import Guardian
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
 from gdpm.slave.journal import ProcessJournal
 from gdpm.slave.lease import LeaseKeeper
-from gdpm.slave.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
+from gdpm.slave.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, MAX_OPEN_FILES
 from gdpm.slave.logserver import build_log_app, start_log_server
 from gdpm.slave.process import ChildProcess, become_subreaper
 from gdpm.slave.status import StatusWriter
@@ -273,7 +274,7 @@ async def run_slave(config: SlaveConfig) -> None:
     tasks: list[asyncio.Task] = []
     log_server = None
     try:
-        log_server, slave.log_url = await _start_log_server(config, log_dir)
+        log_server, slave.log_url = await _start_log_server(config, log_dir, slave.runners.__contains__)
         try:
             await _until_stopped(stop, slave.register())
         except RegistrationRejected as error:
@@ -301,8 +302,9 @@ async def run_slave(config: SlaveConfig) -> None:
 def _raise_open_file_limit() -> None:
     """Raise the soft limit of open files to the hard limit.
 
-    Each instance uses four descriptors in the slave (two pipe read ends and two log
-    files), and the soft limit is often 1024, far below the hard one.
+    Each instance uses two descriptors in the slave (the read ends of its pipes), and
+    at most MAX_OPEN_FILES log files are open at once (see gdpm.slave.logs). The soft
+    limit is often 1024, far below the hard one.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
@@ -313,12 +315,13 @@ def _raise_open_file_limit() -> None:
             log.warning("cannot raise the open file limit", soft=soft, hard=hard, error=str(error))
             return
         soft = target
-    log.info("open file limit", limit=soft, instances_at_most=soft // 5)
+    log.info("open file limit", limit=soft, instances_at_most=max(soft - MAX_OPEN_FILES - 64, 0) // 2)
 
 
-async def _start_log_server(config: SlaveConfig, log_dir: Path) -> tuple[web.AppRunner, str]:
+async def _start_log_server(config: SlaveConfig, log_dir: Path,
+                            known_instance: Callable[[str], bool]) -> tuple[web.AppRunner, str]:
     try:
-        runner, url = await start_log_server(build_log_app(log_dir), config.log_host, config.log_port,
+        runner, url = await start_log_server(build_log_app(log_dir, known_instance), config.log_host, config.log_port,
                                              advertise_host=config.log_advertise_host)
     except OSError as error:
         raise SystemExit(f"error: cannot listen on {config.log_host}:{config.log_port} for the log server: "

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -41,13 +42,20 @@ WRITE_BATCH_BYTES = 64 * 1024
 INSTANCE_ID = re.compile(r"[0-9a-f]{8}-(0|[1-9][0-9]{0,8})")
 
 LOG_DIR_KEY = web.AppKey("log_dir", Path)
+KNOWN_INSTANCE_KEY = web.AppKey("known_instance", Callable[[str], bool])
 STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
 
 
-def build_log_app(log_dir: Path) -> web.Application:
-    """Return the application that serves the logs stored in ``log_dir``."""
+def build_log_app(log_dir: Path, known_instance: Callable[[str], bool] | None = None) -> web.Application:
+    """Return the application that serves the logs stored in ``log_dir``.
+
+    ``known_instance`` tells whether an instance runs on this node. A log file is
+    created at the instance's first output, so for such an instance a missing file is
+    an empty log, not an error.
+    """
     app = web.Application()
     app[LOG_DIR_KEY] = Path(log_dir)
+    app[KNOWN_INSTANCE_KEY] = known_instance or (lambda instance_id: False)
     app[STOPPING_KEY] = asyncio.Event()
     app.router.add_get("/v1/logs/{instance_id}", get_logs)
     app.on_shutdown.append(_end_follows)
@@ -129,7 +137,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
         return _text_error(400, str(error))
 
     log_dir = request.app[LOG_DIR_KEY]
-    if not follow and not _has_logs(log_dir, instance_id, stream):
+    if not follow and not _has_logs(log_dir, instance_id, stream) and not request.app[KNOWN_INSTANCE_KEY](instance_id):
         return _text_error(404, f"no {stream} log for instance {instance_id} on this node")
 
     response = web.StreamResponse(headers={

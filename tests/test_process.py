@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gdpm.slave import process
-from gdpm.slave.process import ChildProcess, read_start_time, spawn_shell
+from gdpm.slave.process import ChildProcess, direct_argv, read_start_time, spawn_shell
 
 TEST_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
 
@@ -733,7 +733,8 @@ async def subreaper():
 async def test_subreaper_reaps_orphans_at_once(subreaper, spawn):
     """As a subreaper, a stopped group leaves no zombie: the orphaned child is reaped here."""
     # dash forks `sleep` for the last command instead of exec'ing it: two processes.
-    child = spawn("sleep 1000")
+    # The comment makes the command more than words, so it runs through the shell.
+    child = spawn("sleep 1000 # in a shell")
     await wait_until(sleep_in_group(child))
     [sleeper] = sleep_pids(child)
 
@@ -746,3 +747,66 @@ async def test_subreaper_reaps_orphans_at_once(subreaper, spawn):
     assert await child.stop(timeout=5.0) == -signal.SIGKILL
     assert time.monotonic() - started < 2.0
     assert stat_fields(sleeper) is None
+
+
+# -- commands run without the shell ------------------------------------------------------
+
+
+@pytest.fixture
+def programs(tmp_path: Path) -> Path:
+    """A directory with an executable `prog`, and a file `data` that is not executable."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    (directory / "prog").write_text("#!/bin/sh\necho prog \"$@\"\n")
+    (directory / "prog").chmod(0o755)
+    (directory / "data").write_text("not a program\n")
+    return directory
+
+
+@pytest.mark.parametrize(("command", "argv"), [
+    ("prog", ["prog"]),
+    ("  prog\t-x  --name=a,b:c@d%e+f ./g ", ["prog", "-x", "--name=a,b:c@d%e+f", "./g"]),
+    ("exec prog 1", ["prog", "1"]),
+])
+def test_direct_argv_of_words(programs: Path, command: str, argv: list[str]) -> None:
+    assert direct_argv(command, {"PATH": f"/nonexistent:{programs}"}) == (str(programs / "prog"), argv)
+
+
+@pytest.mark.parametrize("command", [
+    "prog 'a b'", 'prog "a"', "prog $HOME", "prog `date`", "prog > out", "prog 2>&1", "prog; prog",
+    "prog && prog", "prog | prog", "prog &", "prog *", "prog ?", "prog [a]", "prog ~", "prog # comment",
+    "prog\nprog", "prog \\n", "(prog)", "A=1 prog", "echo hi", "kill 1", "cd /", "exec", "exec -a x prog",
+    "", "   ", "data", "missing", "prog é",
+])
+def test_direct_argv_leaves_the_rest_to_the_shell(programs: Path, command: str) -> None:
+    assert direct_argv(command, {"PATH": str(programs)}) is None
+
+
+def test_direct_argv_path_rules(programs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A word with a slash is the program itself; an empty PATH entry is the current
+    # directory; without PATH, dash's default path is searched.
+    assert direct_argv(f"{programs}/prog", {}) == (f"{programs}/prog", [f"{programs}/prog"])
+    assert direct_argv(f"{programs}/data", {}) is None
+    monkeypatch.chdir(programs)
+    assert direct_argv("prog", {"PATH": "/nonexistent:"}) == ("./prog", ["prog"])
+    sleep = direct_argv("sleep 1", {})
+    assert sleep is not None and sleep[0] in ("/usr/bin/sleep", "/bin/sleep")
+
+
+async def test_words_run_without_shell(spawn) -> None:
+    child = spawn("sleep 1000")
+
+    assert comm(child.pid) == "sleep"
+    assert Path(f"/proc/{child.pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
+    assert group_members(child.pid) == [child.pid]
+    assert await child.stop(timeout=5) == -signal.SIGTERM
+
+
+async def test_script_without_interpreter_line_runs_in_shell(spawn, programs: Path) -> None:
+    # exec fails with ENOEXEC, and the shell runs such a file as a shell script.
+    (programs / "plain").write_text("echo plain script $#\n")
+    (programs / "plain").chmod(0o755)
+    child = spawn("plain a b", env={**TEST_ENV, "PATH": f"{programs}:{TEST_ENV['PATH']}"})
+
+    assert await asyncio.wait_for(child.wait(), 5) == 0
+    assert child.stdout_path.read_text() == "plain script 2\n"

@@ -339,9 +339,13 @@ async def test_stop_sends_term_to_daemon(spawn):
     instance.assert_nothing_left()
 
 
-async def test_stop_sleep_is_quick(spawn):
-    instance = spawn("sleep 1000")
-    await wait_until(lambda: len(instance.record_all()) >= 2, what="sleep started")
+@pytest.mark.parametrize(("command", "processes"), [
+    ("sleep 1000", 1),  # Only words: sleep runs without the shell.
+    ("sleep 1000 # in a shell", 2),  # The shell, and the sleep it forks.
+])
+async def test_stop_sleep_is_quick(spawn, command: str, processes: int):
+    instance = spawn(command)
+    await wait_until(lambda: len(instance.record_all()) == processes, what="sleep started")
     started = time.monotonic()
 
     assert await instance.child.stop(timeout=30) == -signal.SIGTERM

@@ -402,14 +402,17 @@ class _ProcessTable:
     instance: the list of orphans and their environments.
     """
 
-    def __init__(self, processes: dict[int, _ProcessInfo]) -> None:
+    def __init__(self, processes: dict[int, _ProcessInfo], spawned: frozenset[int] = frozenset()) -> None:
         self.processes = processes
+        # The children that spawn_shell had started and not reaped when the scan began.
+        self.spawned = spawned
         self.children: dict[int, list[int]] = {}
         self.sessions: dict[int, list[int]] = {}
         for pid, info in processes.items():
             self.children.setdefault(info.ppid, []).append(pid)
             self.sessions.setdefault(info.sid, []).append(pid)
         self._orphans: list[int] | None = None
+        self._marker_entries: dict[int, frozenset[bytes]] = {}
 
     def orphans(self) -> list[int]:
         """Return the live children of this process that it did not spawn, and that no instance's session contains.
@@ -417,18 +420,26 @@ class _ProcessTable:
         These are the orphans that the subreaper received and that left their
         instance's session, so that only their environment can tell whose they are.
         Computed once per table: with 1000 instances this process has 1000 children.
+        A child that was spawned when the scan began is no orphan, even if it has been
+        reaped since: otherwise a stop of 1000 instances would read the environment of
+        every instance that exited meanwhile.
         """
         if self._orphans is None:
+            def spawned(pid: int) -> bool:
+                return pid in self.spawned or pid in _children
             self._orphans = [
                 pid for pid in self.children.get(os.getpid(), ())
-                if pid not in _children and self.processes[pid].sid not in _children
-                and not self.processes[pid].dead
+                if not spawned(pid) and not spawned(self.processes[pid].sid) and not self.processes[pid].dead
             ]
             _forget_marker_entries(self._orphans, self.processes)
         return self._orphans
 
     def marker_entries(self, pid: int) -> frozenset[bytes]:
-        return _marker_entries(pid, self.processes[pid].start_time)
+        """Return the marker entries of an orphan's environment, read once per table."""
+        entries = self._marker_entries.get(pid)
+        if entries is None:
+            entries = self._marker_entries[pid] = _marker_entries(pid, self.processes[pid].start_time)
+        return entries
 
 
 # Names of the markers of every ChildProcess created so far, such as b"GDPM_INSTANCE_ID".
@@ -469,15 +480,18 @@ def _forget_marker_entries(orphans: list[int], processes: dict[int, _ProcessInfo
         del _marker_entries_cache[key]
 
 
-def _scan_processes() -> _ProcessTable:
-    """Read /proc/PID/stat of every process. Returns an empty table when /proc cannot be listed."""
+def _scan_processes(spawned: frozenset[int] = frozenset()) -> _ProcessTable:
+    """Read /proc/PID/stat of every process. Returns an empty table when /proc cannot be listed.
+
+    ``spawned`` is a copy of the pids in ``_children``, taken before the scan.
+    """
     processes: dict[int, _ProcessInfo] = {}
     try:
         names = os.listdir("/proc")
     except OSError as error:
         log.warning("cannot list /proc, so stop() finds no process outside the process group",
                     error=str(error))
-        return _ProcessTable(processes)
+        return _ProcessTable(processes, spawned)
     for name in names:
         if not name.isdigit():
             continue
@@ -488,7 +502,7 @@ def _scan_processes() -> _ProcessTable:
             state=fields[0].decode(), ppid=int(fields[4 - 3]), pgid=int(fields[5 - 3]),
             sid=int(fields[6 - 3]), start_time=int(fields[22 - 3]),
         )
-    return _ProcessTable(processes)
+    return _ProcessTable(processes, spawned)
 
 
 class _ProcessScanner:
@@ -519,8 +533,9 @@ class _ProcessScanner:
             return
         waiters, self._next = self._next, None
         self._running = True
+        spawned = frozenset(_children)
         try:
-            running = self._loop.run_in_executor(None, _scan_processes)
+            running = self._loop.run_in_executor(None, _scan_processes, spawned)
         except RuntimeError:
             # The default executor is shut down, as when the loop is closing.
             self._finish(waiters, None)

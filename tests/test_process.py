@@ -810,3 +810,58 @@ async def test_script_without_interpreter_line_runs_in_shell(spawn, programs: Pa
 
     assert await asyncio.wait_for(child.wait(), 5) == 0
     assert child.stdout_path.read_text() == "plain script 2\n"
+
+
+# -- the stop signal before or after the first scan ----------------------------------------
+
+
+@pytest.fixture
+def scans_and_signals(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record, in order, each /proc scan that stop() starts and each signal it sends to a group."""
+    calls: list[str] = []
+    scan, signal_group = process._scan, ChildProcess.signal_group
+
+    def recording_scan(loop):
+        calls.append("scan")
+        return scan(loop)
+
+    def recording_signal_group(self, signum):
+        if signum != 0:
+            calls.append(signal.Signals(signum).name)
+        return signal_group(self, signum)
+
+    monkeypatch.setattr(process, "_scan", recording_scan)
+    monkeypatch.setattr(ChildProcess, "signal_group", recording_signal_group)
+    return calls
+
+
+async def test_lone_leader_signalled_before_scan(subreaper, spawn, scans_and_signals: list[str]) -> None:
+    # No child and no orphan: nothing can lose its parent link, so the signal goes first.
+    child = spawn("sleep 1000")
+
+    assert await child.stop(timeout=5) == -signal.SIGTERM
+    assert scans_and_signals[0] == "SIGTERM"
+
+
+async def test_leader_with_child_scanned_before_signal(subreaper, spawn, scans_and_signals: list[str]) -> None:
+    child = spawn("sleep 1000 # in a shell")
+    await wait_until(sleep_in_group(child))
+
+    assert await child.stop(timeout=5) == -signal.SIGTERM
+    assert scans_and_signals[:2] == ["scan", "SIGTERM"]
+
+
+async def test_orphan_of_subreaper_means_scan_before_signal(subreaper, spawn, scans_and_signals: list[str]) -> None:
+    # An orphan could belong to the instance, and be found only by its own children.
+    shell = spawn("sleep 1000 # in a shell")
+    await wait_until(sleep_in_group(shell))
+    [orphan] = sleep_pids(shell)
+    os.kill(shell.pid, signal.SIGKILL)
+    await wait_until(lambda: (stat_fields(orphan) or ["", "0"])[1] == str(os.getpid()))
+    child = spawn("sleep 1000")
+
+    try:
+        assert await child.stop(timeout=5) == -signal.SIGTERM
+        assert scans_and_signals[:2] == ["scan", "SIGTERM"]
+    finally:
+        os.kill(orphan, signal.SIGKILL)

@@ -132,6 +132,12 @@ class InstanceRunner:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+        child = self.child
+        if child is not None and child.returncode is None and not self._kill:
+            # Begun here rather than in _wait_exit_or_stop, a few loop iterations later,
+            # which then waits for this same stop.
+            child.begin_stop(stop_signal=signal.Signals[self.assignment.stop_signal],
+                             timeout=self.assignment.stop_timeout)
 
     def rearm(self, assignment: Assignment) -> None:
         """Take a newer assignment with the same run settings.

@@ -413,6 +413,14 @@ class EtcdProcess:
             "lease": int(kv.get("lease", 0)),
         }
 
+    def count(self, prefix: bytes) -> int:
+        """Count the keys that start with ``prefix``."""
+        end = bytearray(prefix)
+        end[-1] += 1  # The prefixes used here end in "/" or "-", never in 0xff.
+        response = self.gateway("kv/range", {"key": _base64(prefix), "range_end": _base64(bytes(end)),
+                                             "count_only": True})
+        return int(response.get("count", 0))
+
     def compact(self, revision: int | None = None) -> int:
         """Compact the history up to ``revision`` (default: the current one); return it.
 

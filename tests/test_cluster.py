@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from cluster import REPO_ROOT, Cluster, is_alive, process_group, processes_with_env, wait_until
+from cluster import REPO_ROOT, Cluster, EtcdProcess, is_alive, process_group, processes_with_env, wait_until
 
 # Seconds a scenario may take to converge on a loaded two-core machine.
 CONVERGE_TIMEOUT = 30.0
@@ -93,6 +93,39 @@ def test_scale_up_down_and_delete(cluster: Cluster):
     assert status == 404
     nodes = cluster.api("GET", "/api/v1/nodes")[1]["nodes"]
     assert [node["instances"] for node in nodes] == [0, 0]
+
+
+def test_scale_to_zero_and_back(cluster: Cluster, etcd: EtcdProcess):
+    """Scaling to 0 and deleting remove every instance record and assignment in etcd.
+
+    Both remove all instances of the service at once, which the scheduler does with
+    range deletes; the service then scales up again from its empty key ranges.
+    """
+    cluster.start_master()
+    slaves = [cluster.start_slave("slave-1"), cluster.start_slave("slave-2")]
+    service_id = create_service(cluster, LONG_COMMAND, 3)
+    wait_running(cluster, service_id, 3)
+    prefix = cluster.prefix.encode()
+
+    def keys_left() -> int:
+        return etcd.count(prefix + f"/instances/{service_id}/".encode()) + sum(
+            etcd.count(prefix + f"/assignments/{slave.node_id}/{service_id}-".encode()) for slave in slaves)
+
+    assert keys_left() == 6
+    status, body = cluster.api("PATCH", f"/api/v1/services/{service_id}", json={"replicas": 0})
+    assert status == 200, body
+    wait_until(lambda: not live_groups(service_id), CONVERGE_TIMEOUT, message="instances alive at 0 replicas")
+    wait_until(lambda: keys_left() == 0, CONVERGE_TIMEOUT, message="instance keys left at 0 replicas")
+
+    status, body = cluster.api("PATCH", f"/api/v1/services/{service_id}", json={"replicas": 2})
+    assert status == 200, body
+    assert sorted(instance["index"] for instance in wait_running(cluster, service_id, 2)) == [0, 1]
+    assert keys_left() == 4
+
+    status, _ = cluster.api("DELETE", f"/api/v1/services/{service_id}")
+    assert status == 204
+    wait_until(lambda: not live_groups(service_id), CONVERGE_TIMEOUT, message="instances alive after delete")
+    wait_until(lambda: keys_left() == 0, CONVERGE_TIMEOUT, message="instance keys left after delete")
 
 
 def test_pending_until_slave_registers(cluster: Cluster):

@@ -85,6 +85,9 @@ class Scheduler:
             plan = plan_service(service_id, spec, records, picker, now)
             if plan:
                 self._log_plan(service_id, plan)
+                if plan.remove and len(plan.remove) == len(records):
+                    writes += self._sized(self._remove_all(service_id, plan.remove))
+                    plan.remove = []
                 writes += self._sized(self._writes_for(service_id, spec, plan))
                 writes += self._sized(self._plan_events(service_id, plan, now))
             writes += self._event_trimming(service_id, spec)
@@ -118,6 +121,25 @@ class Scheduler:
                 success.append(ops.delete(self.keys.assignment(record.node_id, record.id)))
             writes.append(_Write(service_id, [], success))
         return writes
+
+    def _remove_all(self, service_id: str, records: list[InstanceRecord]) -> list[_Write]:
+        """Delete every instance of a service, deleted or scaled to 0, with one range delete per node.
+
+        Instance ids are SERVICE_ID-INDEX, so `assignments/NODE/SERVICE_ID-` holds exactly
+        the service's assignments on that node. 1000 instances are then deleted in one
+        transaction rather than 16 of 64 instances each, and a slave gets every deletion
+        in one watch response. The instance records go in the last write, so that
+        records stay behind, to be removed again next round, if a write fails.
+        """
+        ops = self.etcd.ops
+        ranges = [self.keys.assignment(node_id, f"{service_id}-")
+                  for node_id in sorted({record.node_id for record in records if record.node_id is not None})]
+        ranges.append(self.keys.instances_of(service_id))
+        return [
+            _Write(service_id, [], [ops.delete(prefix, range_end=aetcd.utils.prefix_range_end(prefix))
+                                    for prefix in ranges[start:start + MAX_TXN_OPS]])
+            for start in range(0, len(ranges), MAX_TXN_OPS)
+        ]
 
     def _plan_events(self, service_id: str, plan: ServicePlan, now) -> list[_Write]:
         """Return event writes for a plan: one per node and kind of change, not one per instance."""

@@ -6,11 +6,12 @@ import asyncio
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -32,39 +33,51 @@ LOG_DRAIN_TIMEOUT = 1.0
 # 2 ms each held the loop for 10 s, past the fence deadline, so the slave killed them all.
 SPAWN_BUDGET_PER_PASS = 0.05
 
+T = TypeVar("T")
 
-class SpawnPacer:
-    """Spreads a burst of spawns over passes of the event loop, SPAWN_BUDGET_PER_PASS each.
 
-    Once a pass has spent its budget, every further spawner waits for the next pass,
-    so timers (the lease refresh) and sockets (etcd, the API) run in between.
+class SpawnQueue:
+    """Runs the spawns of a burst in order, SPAWN_BUDGET_PER_PASS of them per pass of the event loop.
+
+    One task takes the queued spawns one after the other. Once a pass has spent its
+    budget, it yields, so that timers (the lease refresh) and sockets (etcd, the API)
+    run before the next spawn. A runner waits on its own future and wakes only once
+    its spawn is done: with 1000 queued, a pass costs the spawns it makes, not a
+    wake-up of every runner still waiting.
     """
 
     def __init__(self, budget: float = SPAWN_BUDGET_PER_PASS) -> None:
         self.budget = budget
-        self._pass_start: float | None = None
-        self._closed = False
+        self._queue: deque[tuple[Callable[[], object], asyncio.Future]] = deque()
+        self._task: asyncio.Task | None = None
 
-    async def turn(self) -> None:
+    async def run(self, spawn: Callable[[], T]) -> T:
+        """Queue ``spawn``, call it in turn, and return what it returns or raise what it raises.
+
+        If the caller is cancelled before its turn, ``spawn`` is not called.
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._closed:
-                now = time.monotonic()
-                if self._pass_start is None:
-                    self._pass_start = now
-                    # Runs first in the next pass, before the spawners that wait.
-                    loop.call_soon(self._new_pass)
-                if now - self._pass_start < self.budget:
-                    return
-                self._closed = True
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append((spawn, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain(), name="spawn-queue")
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            pass_start = time.monotonic()
+            while self._queue and time.monotonic() - pass_start < self.budget:
+                spawn, future = self._queue.popleft()
+                if future.done():
+                    continue  # Its caller was cancelled.
+                try:
+                    future.set_result(spawn())
+                except Exception as error:  # noqa: BLE001 - handed to the caller, who handles it
+                    future.set_exception(error)
             await asyncio.sleep(0)
 
-    def _new_pass(self) -> None:
-        self._pass_start = None
-        self._closed = False
 
-
-_pacer = SpawnPacer()
+_spawn_queue = SpawnQueue()
 
 
 class ProcessTracker(Protocol):
@@ -202,18 +215,18 @@ class InstanceRunner:
         # An update that arrives from now on starts the instance again if it finishes.
         self._rearmed.clear()
         self._move(InstanceState.STARTING)
-        await _pacer.turn()
-        if self.stopping:
-            self._move(InstanceState.EXITED)
-            return 0.0
         try:
-            self.child = self._spawn()
+            # None: a stop came while the spawn was queued.
+            self.child = await _spawn_queue.run(lambda: None if self.stopping else self._spawn())
         except OSError as error:
             for sink in self.sinks.values():
                 sink.close()
             self.log.error("spawn failed", error=str(error))
             self._emit("spawn-failed", f"spawn failed: {error}")
             self.exit_code, self.exit_signal, self.exited_at = 127, None, utc_now()
+            self._move(InstanceState.EXITED)
+            return 0.0
+        if self.child is None:
             self._move(InstanceState.EXITED)
             return 0.0
 

@@ -234,3 +234,26 @@ def test_events_history(cluster: Cluster):
     assert "exited with code 2" in exited["message"]
     times = [event["time"] for event in events]
     assert times == sorted(times)
+
+
+def test_burst_of_starts_recorded_in_few_events(cluster: Cluster):
+    """50 instances that start together are recorded, but in far fewer than 50 "started" events."""
+    cluster.start_master()
+    cluster.start_slave("slave-1")
+    service_id = create(cluster, "sleep 1000", replicas=50)
+    wait_running(cluster, service_id, 50)
+
+    def started() -> list[dict]:
+        status, body = cluster.api("GET", f"/api/v1/services/{service_id}/events")
+        assert status == 200
+        return [event for event in body["events"] if event["type"] == "started"]
+
+    def instances_counted(events: list[dict]) -> int:
+        # "N instances started: ..." counts N; an event of one instance counts 1.
+        return sum(int(event["message"].split()[0]) if event["instance_id"] is None else 1 for event in events)
+
+    wait_until(lambda: instances_counted(started()) == 50, CONVERGE_TIMEOUT, message="50 starts recorded")
+    events = started()
+    assert len(events) < 50
+    merged = [event for event in events if event["instance_id"] is None]
+    assert merged and all(" instances started: " in event["message"] for event in merged)

@@ -25,7 +25,7 @@ import structlog
 
 from gdpm.common.etcd import Change, Etcd, PrefixMirror
 from gdpm.common.keys import KeyLayout
-from gdpm.common.models import Assignment, Event, InstanceStatus, new_event_id, utc_now
+from gdpm.common.models import Assignment, Event, InstanceStatus, utc_now
 from gdpm.common.tasks import cancel_and_wait, start_task
 from gdpm.slave.guardian import Guardian
 from gdpm.slave.instance import InstanceRunner, RunSettings, slave_environment
@@ -188,7 +188,7 @@ class Slave:
 
     def _emit_event(self, service_id: str, instance_id: str, event_type: str, message: str) -> None:
         event = Event(time=utc_now(), type=event_type, message=message, instance_id=instance_id, node_id=self.node_id)
-        self.status_writer.add_event(self.keys.event(service_id, new_event_id()), event)
+        self.status_writer.add_event(service_id, event)
 
     # -- fencing -----------------------------------------------------------------------
 

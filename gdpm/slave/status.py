@@ -9,12 +9,51 @@ import structlog
 
 from gdpm.common.etcd import Etcd
 from gdpm.common.keys import KeyLayout
-from gdpm.common.models import Event, InstanceStatus
+from gdpm.common.models import Event, InstanceStatus, new_event_id
 
 log = structlog.get_logger("gdpm.slave.status")
 
 # Events kept while etcd is unreachable; older ones are dropped first.
 MAX_QUEUED_EVENTS = 10_000
+
+# Events of one service and type in one write, beyond which they are written as one
+# event that counts them, and the instances whose messages it quotes.
+MAX_EVENTS_PER_KIND = 3
+QUOTED_EVENTS = 3
+
+
+def aggregate_events(events: list[tuple[str, Event]]) -> list[tuple[str, Event]]:
+    """Merge the (service id, event) pairs of each service and type beyond MAX_EVENTS_PER_KIND into one.
+
+    Starting 1000 instances would otherwise write 1000 "started" events, and the
+    history of a service keeps only the last 200: the merged event says "1000
+    instances started", quoting the first few messages. It takes the place of the
+    first event of its kind and the time of the last.
+    """
+    groups: dict[tuple[str, str], list[Event]] = {}
+    for service_id, event in events:
+        groups.setdefault((service_id, event.type), []).append(event)
+    merged = []
+    for (service_id, event_type), group in groups.items():
+        if len(group) <= MAX_EVENTS_PER_KIND:
+            continue
+        quoted = "; ".join(f"{event.instance_id}: {event.message}" for event in group[:QUOTED_EVENTS])
+        merged.append(((service_id, event_type), Event(
+            time=group[-1].time, type=event_type, node_id=group[-1].node_id,
+            message=f"{len(group)} instances {event_type}: {quoted}; and {len(group) - QUOTED_EVENTS} more",
+        )))
+    if not merged:
+        return events
+    replacement = dict(merged)
+    result = []
+    for service_id, event in events:
+        kind = (service_id, event.type)
+        if kind not in replacement:
+            result.append((service_id, event))
+        elif replacement[kind] is not None:
+            result.append((service_id, replacement[kind]))
+            replacement[kind] = None
+    return result
 
 
 class StatusWriter:
@@ -31,7 +70,7 @@ class StatusWriter:
         self.node_id = node_id
         self.lease_id: int | None = None
         self._pending: dict[str, InstanceStatus | None] = {}
-        self._events: list[tuple[bytes, Event]] = []
+        self._events: list[tuple[str, Event]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -41,9 +80,9 @@ class StatusWriter:
         self._idle.clear()
         self._wake.set()
 
-    def add_event(self, key: bytes, event: Event) -> None:
+    def add_event(self, service_id: str, event: Event) -> None:
         """Queue an event for the service's history; events carry no lease."""
-        self._events.append((key, event))
+        self._events.append((service_id, event))
         self._idle.clear()
         self._wake.set()
 
@@ -67,7 +106,10 @@ class StatusWriter:
             self._wake.clear()
             batch, self._pending = self._pending, {}
             events, self._events = self._events, []
-            operations = self._operations(batch) + [self.etcd.ops.put(key, event.to_json()) for key, event in events]
+            operations = self._operations(batch) + [
+                self.etcd.ops.put(self.keys.event(service_id, new_event_id()), event.to_json())
+                for service_id, event in aggregate_events(events)
+            ]
             try:
                 await self.etcd.apply_in_batches(operations)
                 retry_delay = 0.1

@@ -865,3 +865,10 @@ async def test_orphan_of_subreaper_means_scan_before_signal(subreaper, spawn, sc
         assert scans_and_signals[:2] == ["scan", "SIGTERM"]
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+def test_direct_argv_search_cache_checks_the_file(programs: Path) -> None:
+    env = {"PATH": str(programs)}
+    assert direct_argv("prog", env) == (str(programs / "prog"), ["prog"])
+    (programs / "prog").unlink()
+    assert direct_argv("prog", env) is None

@@ -142,10 +142,30 @@ def direct_argv(command: str, env: dict[str, str]) -> tuple[str, list[str]] | No
     program = words[0]
     if "/" in program:
         return (program, words) if _is_executable_file(program) else None
-    for directory in env.get("PATH", _DEFAULT_PATH).split(":"):
+    path = _search_path(program, env.get("PATH", _DEFAULT_PATH))
+    return None if path is None else (path, words)
+
+
+# Where _search_path found each (program, PATH) lately, and when: a burst of 1000
+# spawns searches once. Seconds an answer is reused, after a check that the file is
+# still executable; a program put earlier in PATH is found once they have passed.
+_SEARCH_CACHE_SECONDS = 1.0
+_search_cache: dict[tuple[str, str], tuple[str, float]] = {}
+
+
+def _search_path(program: str, search_path: str) -> str | None:
+    """Return the first executable file named ``program`` in the directories of ``search_path``, as the shell would."""
+    now = time.monotonic()
+    cached = _search_cache.get((program, search_path))
+    if cached is not None and now - cached[1] < _SEARCH_CACHE_SECONDS and _is_executable_file(cached[0]):
+        return cached[0]
+    for directory in search_path.split(":"):
         candidate = os.path.join(directory or ".", program)
         if _is_executable_file(candidate):
-            return candidate, words
+            if len(_search_cache) >= 1000:
+                _search_cache.clear()
+            _search_cache[(program, search_path)] = (candidate, now)
+            return candidate
     return None
 
 

@@ -160,7 +160,7 @@ class GdpmCluster:
                 failure = "stalled"
             if failure:
                 log(f"{failure}: {service_id} reports {running} of {count} running after {now - started:.0f} s "
-                    f"({spawned} shells in /proc); see {self.cluster.logs_dir}")
+                    f"({spawned} instance processes in /proc); see {self.cluster.logs_dir}")
                 return StartTiming(None, _since(spawned_at, started), polls, _since(first_at, started), failure)
             time.sleep(POLL_INTERVAL)
 
@@ -185,8 +185,8 @@ class GdpmCluster:
     def delete(self, service_id: str, timeout: float) -> DeleteTiming:
         """DELETE the service and poll /proc until none of its processes is alive.
 
-        Its processes are the members of the instances' process groups (each instance
-        is /bin/sh -c COMMAND, the shell and what it started), read before the request.
+        Its processes are the members of the instances' process groups (for `sleep 3600`,
+        the sleep itself, which the slave runs without a shell), read before the request.
         """
         processes = procfs.group_members(set(self.instance_pids(service_id)))
         started = time.monotonic()
@@ -237,7 +237,7 @@ class GdpmCluster:
         return None
 
     def _spawned_count(self) -> int:
-        """Count the instance shells among the slaves' children (the guardian is a child too)."""
+        """Count the instances' processes among the slaves' children (the guardian is a child too)."""
         total = 0
         for slave_pid in self.slave_pids:
             for child in procfs.children(slave_pid):

@@ -28,7 +28,7 @@ from pathlib import Path
 from bench import procfs
 from bench.common import POLL_INTERVAL, BenchError, log, run, start_background, stop_pid, stop_process
 
-# The peers run the same program as gdpm's instances, without gdpm's /bin/sh -c.
+# The peers run the same program as gdpm's instances.
 SLEEP = "/bin/sleep"
 SLEEP_SECONDS = "3600"
 # Seconds a daemon may take to respond after it was started.

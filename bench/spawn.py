@@ -15,6 +15,7 @@ import asyncio
 import ctypes
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ SLEEP = "/bin/sleep"
 
 METHODS = {
     "posix_spawn": "os.posix_spawn('/bin/sleep', ['sleep', '3600'], env)",
+    "posix_spawn-pipes": "os.posix_spawn(...) with its stdout and stderr on pipes whose read ends stay open",
     "popen": "subprocess.Popen(['sleep', '3600'])",
     "popen-sh": "subprocess.Popen(['/bin/sh', '-c', 'sleep 3600'])",
     "asyncio-shell": "await asyncio.create_subprocess_shell('sleep 3600')",
@@ -39,6 +41,28 @@ def _spawn_posix(count: int) -> tuple[float, list[int]]:
         pids.append(os.posix_spawn(SLEEP, ["sleep", "3600"], environment))
     elapsed = time.perf_counter() - started
     return elapsed, pids
+
+
+def _spawn_posix_pipes(count: int) -> tuple[float, list[int], list[int]]:
+    """Spawn as a slave does: stdout and stderr on two pipes whose read ends this process keeps.
+
+    Each spawn copies the spawner's descriptor table (clone), and the child's exec
+    closes the close-on-exec ones, so a spawn costs more with every pair kept open.
+    """
+    environment = dict(os.environ)
+    pids: list[int] = []
+    kept: list[int] = []
+    started = time.perf_counter()
+    for _ in range(count):
+        out_read, out_write = os.pipe2(os.O_CLOEXEC)
+        err_read, err_write = os.pipe2(os.O_CLOEXEC)
+        pids.append(os.posix_spawn(SLEEP, ["sleep", "3600"], environment, file_actions=[
+            (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, err_write, 2)]))
+        os.close(out_write)
+        os.close(err_write)
+        kept += (out_read, err_read)
+    elapsed = time.perf_counter() - started
+    return elapsed, pids, kept
 
 
 def _spawn_popen(count: int, arguments: list[str]) -> tuple[float, list[subprocess.Popen]]:
@@ -152,6 +176,18 @@ def measure(method: str, count: int) -> float:
             elapsed, pids = _spawn_posix(count)
         finally:
             _kill_and_reap(pids)
+        return elapsed
+    if method == "posix_spawn-pipes":
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        pids, kept = [], []
+        try:
+            elapsed, pids, kept = _spawn_posix_pipes(count)
+        finally:
+            _kill_and_reap(pids)
+            for fd in kept:
+                os.close(fd)
         return elapsed
     if method in ("popen", "popen-sh"):
         arguments = ["sleep", "3600"] if method == "popen" else ["/bin/sh", "-c", COMMAND]

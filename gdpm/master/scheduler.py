@@ -125,7 +125,7 @@ class Scheduler:
     def _remove_all(self, service_id: str, records: list[InstanceRecord]) -> list[_Write]:
         """Delete every instance of a service, deleted or scaled to 0, with one range delete per node.
 
-        Instance ids are SERVICE_ID-INDEX, so `assignments/NODE/SERVICE_ID-` holds exactly
+        Instance ids are SERVICE_ID-INDEX, so `assignments/NODE/SERVICE_ID-` contains exactly
         the service's assignments on that node. 1000 instances are then deleted in one
         transaction rather than 16 of 64 instances each, and a slave gets every deletion
         in one watch response. The instance records go in the last write, so that

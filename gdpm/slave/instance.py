@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 
 class SpawnQueue:
-    """Runs the spawns of a burst in order, SPAWN_BUDGET_PER_PASS of them per pass of the event loop.
+    """Runs the spawns of a burst in order, for at most ``budget`` seconds per pass of the event loop.
 
     One task takes the queued spawns one after the other. Once a pass has spent its
     budget, it yields, so that timers (the lease refresh) and sockets (etcd, the API)

@@ -17,9 +17,9 @@ treat the files as one stream, so they join such a line again.
 
 The file is created at the first byte of output, not at the start of a run, so an
 instance that writes nothing costs no file and no file descriptor. Creating a file
-costs a write to the file system's inode table: 0.02 to 0.7 ms each on the ext4 disks
-measured (docs/benchmarks.md), which for 1000 instances was a third of the time to
-start them. It is written with os.write on an O_APPEND descriptor, in the event loop.
+costs a write to the file system's inode table: 0.02 to 0.7 ms each, measured on the
+ext4 disk of a 2-vCPU VM, which for 1000 instances was a third of the time to start
+them. It is written with os.write on an O_APPEND descriptor, in the event loop.
 At most MAX_OPEN_FILES files stay open at once: writing to one more closes the one
 written least recently, which is opened again at its next write. So a slave needs 2
 descriptors per instance (the pipes' read ends), not 4.

@@ -49,7 +49,7 @@ STOPPING_KEY = web.AppKey("stopping", asyncio.Event)
 def build_log_app(log_dir: Path, known_instance: Callable[[str], bool] | None = None) -> web.Application:
     """Return the application that serves the logs stored in ``log_dir``.
 
-    ``known_instance`` tells whether an instance runs on this node. A log file is
+    ``known_instance`` returns whether an instance runs on this node. A log file is
     created at the instance's first output, so for such an instance a missing file is
     an empty log, not an error.
     """

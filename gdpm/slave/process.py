@@ -106,7 +106,7 @@ _CHDIR_SCRIPT = 'cd -P -- "$1" || exit; exec /bin/sh -c "$2"'
 # - the first word is not an assignment (NAME=VALUE), nor a reserved word or built-in
 #   of the shell (`echo` and `kill` behave differently from /bin/echo and /bin/kill);
 #   a leading `exec` is dropped, as the shell would exec anyway;
-# - the program is found the way the shell finds it: the word itself when it holds a
+# - the program is found the way the shell finds it: the word itself when it contains a
 #   slash, else the first executable file of that name in the PATH of the instance's
 #   environment, or in dash's default path when it has none.
 #
@@ -146,9 +146,9 @@ def direct_argv(command: str, env: dict[str, str]) -> tuple[str, list[str]] | No
     return None if path is None else (path, words)
 
 
-# Where _search_path found each (program, PATH) lately, and when: a burst of 1000
-# spawns searches once. Seconds an answer is reused, after a check that the file is
-# still executable; a program put earlier in PATH is found once they have passed.
+# Where _search_path found each (program, PATH) lately, and when, so that a burst of
+# 1000 spawns searches once. A result is reused for _SEARCH_CACHE_SECONDS after a check
+# that the file is still executable. A program put earlier in PATH is found after that.
 _SEARCH_CACHE_SECONDS = 1.0
 _search_cache: dict[tuple[str, str], tuple[str, float]] = {}
 
@@ -602,8 +602,8 @@ def _children_of(pid: int) -> list[int] | None:
     return children
 
 
-# The answer of _has_orphans in the current iteration of each event loop: the stops
-# that start together share one read of this process's children.
+# The result of _has_orphans in the current iteration of each event loop, so that the
+# stops that start together share one read of this process's children.
 _orphans_seen: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, bool] = weakref.WeakKeyDictionary()
 
 

@@ -26,8 +26,8 @@ def aggregate_events(events: list[tuple[str, Event]]) -> list[tuple[str, Event]]
     """Merge the (service id, event) pairs of each service and type beyond MAX_EVENTS_PER_KIND into one.
 
     Starting 1000 instances would otherwise write 1000 "started" events, and the
-    history of a service keeps only the last 200: the merged event says "1000
-    instances started", quoting the first few messages. It takes the place of the
+    history of a service keeps only the last 200. The merged event reads "1000
+    instances started: ...", quoting the first few messages. It takes the place of the
     first event of its kind and the time of the last.
     """
     groups: dict[tuple[str, str], list[Event]] = {}

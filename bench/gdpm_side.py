@@ -67,6 +67,7 @@ class GdpmCluster:
     """A master and ``slave_count`` slaves on one etcd, under a key prefix of their own."""
 
     def __init__(self, etcd: EtcdProcess, base_dir: Path, slave_count: int, max_replicas: int) -> None:
+        self.etcd = etcd
         self.cluster = Cluster(etcd_endpoint=etcd.endpoint, prefix=f"/gdpm-bench-{uuid.uuid4().hex[:12]}",
                                base_dir=base_dir)
         self.slave_count = slave_count
@@ -204,6 +205,20 @@ class GdpmCluster:
                 return DeleteTiming(None, len(processes), len(remaining))
             time.sleep(POLL_INTERVAL)
         return DeleteTiming(time.monotonic() - started, len(processes))
+
+    def wait_settled(self, timeout: float) -> None:
+        """Wait until no slave has an instance status left in etcd, so that every stop is finished.
+
+        A delete is timed until its processes are gone, but each slave still records
+        every exit afterwards. The next measurement waits for that, or it would be
+        timed while the slaves are busy with the last one.
+        """
+        prefixes = [f"{self.cluster.prefix}/status/{slave.node_id}/".encode() for slave in self.cluster.slaves]
+        deadline = time.monotonic() + timeout
+        while any(self.etcd.count(prefix) for prefix in prefixes):
+            if time.monotonic() > deadline:
+                raise BenchError(f"slaves still had instance statuses {timeout:g} s after the delete")
+            time.sleep(POLL_INTERVAL)
 
     def diagnostics(self) -> dict[str, int]:
         """Count the lines of this cluster's logs that match each of LOG_PATTERNS (non-zero only)."""

@@ -91,6 +91,21 @@ def test_logs_through_master(cluster: Cluster):
     assert lines("--stderr", "--instance", f"{service_id}-1") == [f"[{service_id}-1] oops"]
 
 
+def test_logs_of_quiet_instance_empty(cluster: Cluster):
+    """An instance that has printed nothing has no log file yet; its logs are empty, not an error."""
+    cluster.start_master()
+    slave = cluster.start_slave("slave-1")
+    service_id = create(cluster, "sleep 1000")
+    wait_running(cluster, service_id, 1)
+    assert not (slave.state_dir / "logs" / f"{service_id}-0.stdout.log").exists()
+
+    command, environment = client(cluster, "logs", service_id)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=environment)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+
+
 def test_logs_follow_across_restart(cluster: Cluster):
     """`logs -f` keeps following an instance through its restarts."""
     cluster.start_master()

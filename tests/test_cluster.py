@@ -128,6 +128,26 @@ def test_scale_to_zero_and_back(cluster: Cluster, etcd: EtcdProcess):
     wait_until(lambda: keys_left() == 0, CONVERGE_TIMEOUT, message="instance keys left after delete")
 
 
+def test_journal_records_start_times(cluster: Cluster):
+    """The slave's journal names each instance's process with its start time, read after the spawn."""
+    cluster.start_master()
+    slave = cluster.start_slave("slave-1")
+    service_id = create_service(cluster, LONG_COMMAND, 3)
+    pids = {instance["id"]: instance["pid"] for instance in wait_running(cluster, service_id, 3)}
+    journal = slave.state_dir / "processes.journal"
+
+    def recorded() -> dict[str, tuple[int, str]]:
+        # The last line of each pid wins: "+ PID START_TIME INSTANCE_ID", '-' for an unknown start time.
+        lines = [line.split() for line in journal.read_text().splitlines() if line.startswith("+ ")]
+        return {fields[3]: (int(fields[1]), fields[2]) for fields in lines if len(fields) == 4}
+
+    def start_time(pid: int) -> str:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())[22 - 3]
+
+    expected = {instance_id: (pid, start_time(pid)) for instance_id, pid in pids.items()}
+    wait_until(lambda: recorded() == expected, CONVERGE_TIMEOUT, message="start times in the journal")
+
+
 def test_pending_until_slave_registers(cluster: Cluster):
     """With no slave every instance is pending; a slave that registers then runs them all."""
     cluster.start_master()

@@ -872,3 +872,32 @@ def test_direct_argv_search_cache_checks_the_file(programs: Path) -> None:
     assert direct_argv("prog", env) == (str(programs / "prog"), ["prog"])
     (programs / "prog").unlink()
     assert direct_argv("prog", env) is None
+
+
+async def test_start_time_read_later(spawn_later) -> None:
+    child = spawn_later("sleep 1000")
+    assert child.start_time is None
+
+    start_time = await asyncio.wait_for(child.start_time_read, 5)
+
+    assert start_time == read_start_time(child.pid)
+    assert child.start_time == start_time
+    assert await child.stop(timeout=5) == -signal.SIGTERM
+
+
+@pytest.fixture
+async def spawn_later(tmp_path: Path):
+    """Like ``spawn``, with the start time read in a worker thread."""
+    children: list[ChildProcess] = []
+
+    def start(command: str) -> ChildProcess:
+        child = spawn_shell(command, env=TEST_ENV, cwd=None, stdout_path=tmp_path / "out.log",
+                            stderr_path=tmp_path / "err.log", start_time_now=False)
+        children.append(child)
+        return child
+
+    yield start
+
+    for child in children:
+        child.signal_group(signal.SIGKILL)
+        await child.wait()

@@ -119,6 +119,18 @@ class Slave:
     def started(self, child: ChildProcess, instance_id: str) -> None:
         self.guardian.guard(child.pid, child.start_time)
         self.journal.record_start(child.pid, child.start_time, instance_id)
+        if child.start_time is None:
+            # Recorded at once without its start time, and again once the start time is read.
+            child.start_time_read.add_done_callback(lambda _: self._start_time_read(child, instance_id))
+
+    def _start_time_read(self, child: ChildProcess, instance_id: str) -> None:
+        if child.start_time is None or child.returncode is not None or child.pid not in self.journal.live:
+            return  # Unknown, or the group already ended and was released.
+        try:
+            self.guardian.guard(child.pid, child.start_time)
+        except RuntimeError:
+            return  # The guardian is closed: the slave is shutting down.
+        self.journal.record_start(child.pid, child.start_time, instance_id)
 
     def ended(self, child: ChildProcess) -> None:
         self.guardian.release(child.pid)

@@ -279,7 +279,7 @@ class InstanceRunner:
         stderr = self.sinks["stderr"].open_pipe()
         try:
             return spawn_shell(assignment.command, env=env, cwd=assignment.cwd,
-                               stdout=stdout, stderr=stderr, marker=marker)
+                               stdout=stdout, stderr=stderr, marker=marker, start_time_now=False)
         finally:
             for sink in self.sinks.values():
                 sink.close_write_end()

@@ -366,6 +366,23 @@ async def test_removed_log_directory_created_again(tmp_path: Path) -> None:
     assert sink.bytes_dropped == 0
 
 
+async def test_deleted_open_file_created_again(tmp_path: Path) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    sink = LogSink(directory, INSTANCE, "stdout")
+    try:
+        write_fd = sink.open_pipe()
+        os.write(write_fd, b"before\n")
+        await wait_for(lambda: sink.bytes_written == 7)
+        sink.path.unlink()
+        directory.rmdir()
+        os.write(write_fd, b"after\n")
+        await wait_for(lambda: sink.bytes_written == 13)
+    finally:
+        sink.close()
+    assert sink.path.read_bytes() == b"after\n"
+
+
 async def test_open_files_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Five sinks write in turn with room for two open files: each file is closed when
     # two others were written after it, and opened again at its next write.

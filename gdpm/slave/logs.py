@@ -261,14 +261,18 @@ class LogSink:
 
     def _store(self, data: bytes) -> None:
         """Append ``data`` to the current file, rotating whenever the next piece would not fit."""
-        if self._file_fd is None:
-            # Opened first, so that the room left below counts what the file holds.
-            try:
+        try:
+            if self._file_fd is not None and os.fstat(self._file_fd).st_nlink == 0:
+                # Deleted while open, such as with its directory: writing on would
+                # fill a file that no one can read.
+                self._close_file()
+            if self._file_fd is None:
+                # Opened first, so that the room left below counts what the file contains.
                 self._open_file()
-            except OSError as error:
-                self.bytes_dropped += len(data)
-                self._log_write_error(error)
-                return
+        except OSError as error:
+            self.bytes_dropped += len(data)
+            self._log_write_error(error)
+            return
         _open_files.touch(self)
         start, end = 0, len(data)
         while start < end:

@@ -901,3 +901,15 @@ async def spawn_later(tmp_path: Path):
     for child in children:
         child.signal_group(signal.SIGKILL)
         await child.wait()
+
+
+@pytest.mark.parametrize("given", [None, "/", "/nonexistent", "relative"])
+async def test_words_get_shell_pwd(spawn, given: str | None) -> None:
+    # dash keeps an inherited PWD that names the working directory, else exports getcwd().
+    env = dict(TEST_ENV) if given is None else {**TEST_ENV, "PWD": given}
+    shell = spawn("printenv PWD; :", env=env)  # Not only words: runs in the shell.
+    direct = spawn("printenv PWD", env=env)
+
+    assert await asyncio.wait_for(shell.wait(), 5) == 0
+    assert await asyncio.wait_for(direct.wait(), 5) == 0
+    assert direct.stdout_path.read_text() == shell.stdout_path.read_text()

@@ -106,6 +106,7 @@ _CHDIR_SCRIPT = 'cd -P -- "$1" || exit; exec /bin/sh -c "$2"'
 # - the first word is not an assignment (NAME=VALUE), nor a reserved word or built-in
 #   of the shell (`echo` and `kill` behave differently from /bin/echo and /bin/kill);
 #   a leading `exec` is dropped, as the shell would exec anyway;
+# - the program gets the PWD that dash would have exported (see _with_shell_pwd);
 # - the program is found the way the shell finds it: the word itself when it contains a
 #   slash, else the first executable file of that name in the PATH of the instance's
 #   environment, or in dash's default path when it has none.
@@ -167,6 +168,18 @@ def _search_path(program: str, search_path: str) -> str | None:
             _search_cache[(program, search_path)] = (candidate, now)
             return candidate
     return None
+
+
+def _with_shell_pwd(env: dict[str, str]) -> dict[str, str]:
+    """Return ``env`` with the PWD that dash exports: the given one if it names the working directory, else getcwd()."""
+    given = env.get("PWD")
+    if given and given.startswith("/"):
+        try:
+            if os.path.samefile(given, "."):
+                return env
+        except OSError:
+            pass
+    return {**env, "PWD": os.getcwd()}
 
 
 def _is_executable_file(path: str) -> bool:
@@ -237,7 +250,7 @@ def spawn_shell(
         pid = None
         if direct is not None:
             try:
-                pid = _posix_spawn(*direct, env, file_actions)
+                pid = _posix_spawn(*direct, _with_shell_pwd(env), file_actions)
             except OSError as error:
                 # glibc reports the exec's error here (ENOEXEC for a script without #!).
                 log.debug("exec failed, running the command through the shell", command=command,

@@ -35,3 +35,9 @@ def test_burst_merged_in_place_of_first() -> None:
     assert burst.instance_id is None
     assert burst.node_id == "node-1"
     assert burst.time == START + timedelta(milliseconds=1000)
+
+
+def test_merged_message_reads_as_verb() -> None:
+    events = [event(index, "backoff") for index in range(5)]
+    [(_, merged)] = aggregate_events(events)
+    assert merged.message.startswith("5 instances backing off: 5e7a1c00-0: ")

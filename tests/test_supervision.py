@@ -257,3 +257,8 @@ def test_burst_of_starts_recorded_in_few_events(cluster: Cluster):
     assert len(events) < 50
     merged = [event for event in events if event["instance_id"] is None]
     assert merged and all(" instances started: " in event["message"] for event in merged)
+
+    status, body = cluster.api("GET", f"/api/v1/services/{service_id}/events")
+    [placed] = [event["message"] for event in body["events"] if event["type"] == "placed"]
+    first_ten = ", ".join(f"{service_id}-{index}" for index in range(10))
+    assert placed.endswith(f"instance(s) on node {cluster.slaves[0].node_id}: {first_ten} ...")

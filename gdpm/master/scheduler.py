@@ -163,7 +163,8 @@ class Scheduler:
             else:
                 message = f"placed {len(instance_ids)} instance(s) on {where}"
                 event_type = "placed"
-            message += ": " + ", ".join(sorted(instance_ids)[:10]) + (" ..." if len(instance_ids) > 10 else "")
+            in_order = sorted(instance_ids, key=lambda instance_id: int(instance_id.rsplit("-", 1)[1]))
+            message += ": " + ", ".join(in_order[:10]) + (" ..." if len(instance_ids) > 10 else "")
             event = Event(time=now, type=event_type, message=message,
                           instance_id=instance_ids[0] if len(instance_ids) == 1 else None, node_id=node_id)
             key = self.keys.event(service_id, new_event_id())

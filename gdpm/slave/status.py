@@ -21,6 +21,9 @@ MAX_QUEUED_EVENTS = 10_000
 MAX_EVENTS_PER_KIND = 3
 QUOTED_EVENTS = 3
 
+# How a merged event reads, by event type: "12 instances backing off: ...".
+_MERGED_VERBS = {"backoff": "backing off", "spawn-failed": "failed to spawn"}
+
 
 def aggregate_events(events: list[tuple[str, Event]]) -> list[tuple[str, Event]]:
     """Merge the (service id, event) pairs of each service and type beyond MAX_EVENTS_PER_KIND into one.
@@ -40,7 +43,8 @@ def aggregate_events(events: list[tuple[str, Event]]) -> list[tuple[str, Event]]
         quoted = "; ".join(f"{event.instance_id}: {event.message}" for event in group[:QUOTED_EVENTS])
         merged.append(((service_id, event_type), Event(
             time=group[-1].time, type=event_type, node_id=group[-1].node_id,
-            message=f"{len(group)} instances {event_type}: {quoted}; and {len(group) - QUOTED_EVENTS} more",
+            message=f"{len(group)} instances {_MERGED_VERBS.get(event_type, event_type)}: {quoted}; "
+                    f"and {len(group) - QUOTED_EVENTS} more",
         )))
     if not merged:
         return events

@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     etcd = None
     interrupted = False
     try:
+        # A kept scratch folder reuses its installs, never its etcd data: the keys of an
+        # earlier run, or a data dir that a newer etcd wrote, which an older one rejects.
+        shutil.rmtree(scratch / "etcd-data", ignore_errors=True)
         etcd = start_etcd(binary, scratch / "etcd-data", scratch / "etcd.log")
         context = Context(repeat=arguments.repeat, sizes=sizes, smoke=arguments.smoke, scratch=scratch, etcd=etcd,
                           selected=selected)

@@ -194,9 +194,9 @@ def scenario_spawn(context: Context) -> Section:
         f"A fresh Python process (`python -m bench.spawn METHOD {count} FILE`) starts {count} processes "
         f"of `sleep 3600`, one call after the other, and times the loop from the first call until the "
         f"{count}th has returned; then it kills them by pid and reaps them. The `/bin/sh -c` row "
-        f"(`{BASELINE_METHOD}`) is the baseline of the ratios below, as the targets ask: it is what a "
-        "manager that runs every command through the shell does per instance (dash, Debian's /bin/sh, forks "
-        "`sleep` rather than exec'ing it, so that is two processes). gdpm runs a command of plain words such "
+        f"(`{BASELINE_METHOD}`) is the baseline of the ratios below, as the targets ask. It is what a "
+        "manager that runs every command through the shell does per instance: two processes, because dash, "
+        "Debian's /bin/sh, forks `sleep` rather than exec'ing it. gdpm runs a command of plain words such "
         "as `sleep 3600` without the shell, so a slave's own spawn is the `posix_spawn` row.",
         tables=[table], raw={method: series.to_json() for method, series in results.items()},
     )
@@ -787,7 +787,7 @@ def scenario_growth(context: Context) -> Section:
         "response carries only the service's `running` count, so it stays small whatever N. Then the service "
         "is deleted and timed until its processes are gone. The `/bin/sh -c` column is the spawn scenario's "
         "method at the same N. The `posix_spawn` column spawns as a slave does, with stdout and stderr on "
-        "pipes whose read ends stay open: every spawn copies the spawner's descriptor table and the child's "
+        "pipes whose read ends stay open. Every spawn copies the spawner's descriptor table, and the child's "
         "exec closes the close-on-exec ones, so each costs more than the one before. Linear means a flat time per instance. The target compares the two largest N, "
         "where the fixed costs (one request, one scheduling round) weigh least."
     )

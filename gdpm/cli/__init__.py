@@ -148,7 +148,7 @@ def dev(
     port: int = typer.Option(8989, "--port", min=1, max=65535, help="Port of the master's HTTP API."),
     etcd_endpoints: str = EtcdEndpointsOption,
     state_dir: Path = typer.Option(
-        None, "--state-dir", help="Folder for the slaves' state and the etcd data [default: a new temporary folder].",
+        None, "--state-dir", help="Folder for the slaves' state and the etcd data (default: a new temporary folder).",
     ),
 ) -> None:
     """Run a whole local cluster in the foreground: etcd (when none answers), a master and slaves.

@@ -565,11 +565,12 @@ def logs(
 ) -> None:
     """Print the output of a service's instances, each line prefixed with [INSTANCE_ID].
 
-    The lines come from the slaves that store them, through the master. Lines from gdpm
-    itself, such as a node that cannot be reached, start with \\[gdpm]. With -f, new lines
-    appear as the instances write them, also across restarts and moves to other
-    nodes, until Ctrl-C, which ends the command with exit status 130. Bytes are written
-    to stdout as the instances wrote them, so output that is not UTF-8 stays as it was.
+    The lines come from the slaves that store them, through the master. Lines
+    from gdpm itself, such as a node that cannot be reached, start with \\[gdpm].
+    With -f, new lines appear as the instances write them, also across restarts
+    and moves to other nodes, until Ctrl-C, which ends the command with exit
+    status 130. Bytes are written to stdout as the instances wrote them, so
+    output that is not UTF-8 stays as it was.
     """
     settings = _settings(ctx)
     client = MasterClient(settings)

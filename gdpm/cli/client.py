@@ -570,7 +570,8 @@ def logs(
     With -f, new lines appear as the instances write them, also across restarts
     and moves to other nodes, until Ctrl-C, which ends the command with exit
     status 130. Bytes are written to stdout as the instances wrote them, so
-    output that is not UTF-8 stays as it was.
+    output that is not UTF-8 stays as it was, except that every line ends with
+    a newline, also a last line that an instance has not finished.
     """
     settings = _settings(ctx)
     client = MasterClient(settings)

@@ -21,7 +21,7 @@ MAX_QUEUED_EVENTS = 10_000
 MAX_EVENTS_PER_KIND = 3
 QUOTED_EVENTS = 3
 
-# How a merged event reads, by event type: "12 instances backing off: ...".
+# The verb of a merged event's message, by event type, as in "12 instances backing off: ...".
 _MERGED_VERBS = {"backoff": "backing off", "spawn-failed": "failed to spawn"}
 
 
@@ -36,28 +36,28 @@ def aggregate_events(events: list[tuple[str, Event]]) -> list[tuple[str, Event]]
     groups: dict[tuple[str, str], list[Event]] = {}
     for service_id, event in events:
         groups.setdefault((service_id, event.type), []).append(event)
-    merged = []
-    for (service_id, event_type), group in groups.items():
-        if len(group) <= MAX_EVENTS_PER_KIND:
-            continue
-        quoted = "; ".join(f"{event.instance_id}: {event.message}" for event in group[:QUOTED_EVENTS])
-        merged.append(((service_id, event_type), Event(
-            time=group[-1].time, type=event_type, node_id=group[-1].node_id,
-            message=f"{len(group)} instances {_MERGED_VERBS.get(event_type, event_type)}: {quoted}; "
-                    f"and {len(group) - QUOTED_EVENTS} more",
-        )))
-    if not merged:
-        return events
-    replacement = dict(merged)
     result = []
+    merged: set[tuple[str, str]] = set()
     for service_id, event in events:
         kind = (service_id, event.type)
-        if kind not in replacement:
+        group = groups[kind]
+        if len(group) <= MAX_EVENTS_PER_KIND:
             result.append((service_id, event))
-        elif replacement[kind] is not None:
-            result.append((service_id, replacement[kind]))
-            replacement[kind] = None
+        elif kind not in merged:
+            merged.add(kind)
+            result.append((service_id, _merged_event(group)))
     return result
+
+
+def _merged_event(group: list[Event]) -> Event:
+    """Return one event that counts the events of ``group`` and quotes the first QUOTED_EVENTS."""
+    event_type = group[0].type
+    quoted = "; ".join(f"{event.instance_id}: {event.message}" for event in group[:QUOTED_EVENTS])
+    return Event(
+        time=group[-1].time, type=event_type, node_id=group[-1].node_id,
+        message=f"{len(group)} instances {_MERGED_VERBS.get(event_type, event_type)}: {quoted}; "
+                f"and {len(group) - QUOTED_EVENTS} more",
+    )
 
 
 class StatusWriter:

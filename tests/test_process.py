@@ -92,11 +92,13 @@ async def spawn(tmp_path: Path):
     """Wrap spawn_shell with log files in tmp_path. At teardown, SIGKILL every group it started."""
     children: list[ChildProcess] = []
 
-    def start(command: str, *, env: dict[str, str] | None = None, cwd: str | None = None) -> ChildProcess:
+    def start(command: str, *, env: dict[str, str] | None = None, cwd: str | None = None,
+              start_time_now: bool = True) -> ChildProcess:
         index = len(children)
         child = spawn_shell(
             command, env=TEST_ENV if env is None else env, cwd=cwd,
             stdout_path=tmp_path / f"out{index}.log", stderr_path=tmp_path / f"err{index}.log",
+            start_time_now=start_time_now,
         )
         # Test-only attributes, so that checks can find the log files.
         child.stdout_path = tmp_path / f"out{index}.log"
@@ -835,7 +837,7 @@ def scans_and_signals(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-async def test_lone_leader_signalled_before_scan(subreaper, spawn, scans_and_signals: list[str]) -> None:
+async def test_lone_leader_signalled_first(subreaper, spawn, scans_and_signals: list[str]) -> None:
     # No child and no orphan: nothing can lose its parent link, so the signal goes first.
     child = spawn("sleep 1000")
 
@@ -843,7 +845,7 @@ async def test_lone_leader_signalled_before_scan(subreaper, spawn, scans_and_sig
     assert scans_and_signals[0] == "SIGTERM"
 
 
-async def test_leader_with_child_scanned_before_signal(subreaper, spawn, scans_and_signals: list[str]) -> None:
+async def test_leader_with_child_scanned_first(subreaper, spawn, scans_and_signals: list[str]) -> None:
     child = spawn("sleep 1000 # in a shell")
     await wait_until(sleep_in_group(child))
 
@@ -851,7 +853,7 @@ async def test_leader_with_child_scanned_before_signal(subreaper, spawn, scans_a
     assert scans_and_signals[:2] == ["scan", "SIGTERM"]
 
 
-async def test_orphan_of_subreaper_means_scan_before_signal(subreaper, spawn, scans_and_signals: list[str]) -> None:
+async def test_slave_orphan_means_scan_first(subreaper, spawn, scans_and_signals: list[str]) -> None:
     # An orphan could belong to the instance, and be found only by its own children.
     shell = spawn("sleep 1000 # in a shell")
     await wait_until(sleep_in_group(shell))
@@ -874,8 +876,8 @@ def test_direct_argv_search_cache_checks_the_file(programs: Path) -> None:
     assert direct_argv("prog", env) is None
 
 
-async def test_start_time_read_later(spawn_later) -> None:
-    child = spawn_later("sleep 1000")
+async def test_start_time_read_later(spawn) -> None:
+    child = spawn("sleep 1000", start_time_now=False)
     assert child.start_time is None
 
     start_time = await asyncio.wait_for(child.start_time_read, 5)
@@ -883,24 +885,6 @@ async def test_start_time_read_later(spawn_later) -> None:
     assert start_time == read_start_time(child.pid)
     assert child.start_time == start_time
     assert await child.stop(timeout=5) == -signal.SIGTERM
-
-
-@pytest.fixture
-async def spawn_later(tmp_path: Path):
-    """Like ``spawn``, with the start time read in a worker thread."""
-    children: list[ChildProcess] = []
-
-    def start(command: str) -> ChildProcess:
-        child = spawn_shell(command, env=TEST_ENV, cwd=None, stdout_path=tmp_path / "out.log",
-                            stderr_path=tmp_path / "err.log", start_time_now=False)
-        children.append(child)
-        return child
-
-    yield start
-
-    for child in children:
-        child.signal_group(signal.SIGKILL)
-        await child.wait()
 
 
 @pytest.mark.parametrize("given", [None, "/", "/nonexistent", "relative"])

@@ -97,9 +97,8 @@ _CHDIR_SCRIPT = 'cd -P -- "$1" || exit; exec /bin/sh -c "$2"'
 # dash forks the last command of `sh -c COMMAND` rather than exec'ing it, so each
 # instance would be two processes, a shell waiting for its one child. For a command
 # that is only words, running the program itself gives the same result as the shell
-# with one spawn fewer: it halves the processes, and the CPU time of 1000 starts (see
-# docs/benchmarks.md). It applies only when the shell would do nothing but split the
-# words and search PATH:
+# with one spawn and one process fewer. It applies only when the shell would do
+# nothing but split the words and search PATH:
 #
 # - every character is a letter, a digit, a blank or one of _@%+=:,./- (no quote,
 #   expansion, redirection, operator, glob, comment or line break);
@@ -107,9 +106,9 @@ _CHDIR_SCRIPT = 'cd -P -- "$1" || exit; exec /bin/sh -c "$2"'
 #   of the shell (`echo` and `kill` behave differently from /bin/echo and /bin/kill);
 #   a leading `exec` is dropped, as the shell would exec anyway;
 # - the program gets the PWD that dash would have exported (see _with_shell_pwd);
-# - the program is found the way the shell finds it: the word itself when it contains a
-#   slash, else the first executable file of that name in the PATH of the instance's
-#   environment, or in dash's default path when it has none.
+# - the program is found the way the shell finds it. A word that contains a slash is
+#   the program itself. Otherwise it is the first executable file of that name in the
+#   PATH of the instance's environment, or in dash's default path when it has none.
 #
 # Any other command, a command with a working directory, and one whose exec fails
 # (a script without a #! line, which the shell would run itself) run through the shell.
@@ -147,9 +146,10 @@ def direct_argv(command: str, env: dict[str, str]) -> tuple[str, list[str]] | No
     return None if path is None else (path, words)
 
 
-# Where _search_path found each (program, PATH) lately, and when, so that a burst of
-# 1000 spawns searches once. A result is reused for _SEARCH_CACHE_SECONDS after a check
-# that the file is still executable. A program put earlier in PATH is found after that.
+# The recent results of _search_path by (program, PATH), with the time of the search,
+# so that a burst of 1000 spawns searches once. A result is reused for
+# _SEARCH_CACHE_SECONDS after a check that the file is still executable. A program put
+# earlier in PATH is found after that.
 _SEARCH_CACHE_SECONDS = 1.0
 _search_cache: dict[tuple[str, str], tuple[str, float]] = {}
 
@@ -172,10 +172,10 @@ def _search_path(program: str, search_path: str) -> str | None:
 
 def _with_shell_pwd(env: dict[str, str]) -> dict[str, str]:
     """Return ``env`` with the PWD that dash exports: the given one if it names the working directory, else getcwd()."""
-    given = env.get("PWD")
-    if given and given.startswith("/"):
+    inherited = env.get("PWD")
+    if inherited and inherited.startswith("/"):
         try:
-            if os.path.samefile(given, "."):
+            if os.path.samefile(inherited, "."):
                 return env
         except OSError:
             pass
@@ -626,13 +626,13 @@ _orphans_seen: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, bool] = weak
 
 def _has_orphans(loop: asyncio.AbstractEventLoop) -> bool:
     """Check whether this process has a child that spawn_shell did not start (an orphan, or one it cannot tell)."""
-    answer = _orphans_seen.get(loop)
-    if answer is None:
+    found = _orphans_seen.get(loop)
+    if found is None:
         children = _children_of(os.getpid())
-        answer = children is None or any(pid not in _children for pid in children)
-        _orphans_seen[loop] = answer
+        found = children is None or any(pid not in _children for pid in children)
+        _orphans_seen[loop] = found
         loop.call_soon(_orphans_seen.pop, loop, None)
-    return answer
+    return found
 
 
 def _is_live(pid: int, start_time: int) -> bool:
@@ -1088,10 +1088,10 @@ class ChildProcess:
 class _StartTimeReader:
     """Reads the start times of new children in a worker thread, one batch per loop iteration.
 
-    On a 2-vCPU VM busy with a burst, reading /proc/PID/stat right after the spawn took
-    0.2 ms per child in the first 1000 of a start of 5000 and 2 ms in the last 1000,
-    4.2 s in all, during which the slave spawned nothing. The read probably waits for
-    the child's exec, which goes on after posix_spawn has returned.
+    Reading /proc/PID/stat right after the spawn took 0.2 ms per child in the first 1000
+    of a start of 5000 on a busy 2-vCPU VM, and 2 ms in the last 1000. That was 4.2 s in
+    all, during which the slave spawned nothing. The read probably waits for the
+    child's exec, which goes on after posix_spawn has returned.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -1111,9 +1111,13 @@ class _StartTimeReader:
             # The default executor is shut down, as when the loop is closing.
             self._finish(batch, [None] * len(batch))
             return
-        reading.add_done_callback(
-            lambda done: self._finish(batch, [None] * len(batch) if done.cancelled() or done.exception()
-                                      else done.result()))
+        reading.add_done_callback(lambda done: self._read_done(batch, done))
+
+    def _read_done(self, batch: list[ChildProcess], reading: asyncio.Future[list[int | None]]) -> None:
+        if reading.cancelled() or reading.exception() is not None:
+            self._finish(batch, [None] * len(batch))
+        else:
+            self._finish(batch, reading.result())
 
     @staticmethod
     def _finish(batch: list[ChildProcess], start_times: list[int | None]) -> None:

@@ -530,8 +530,8 @@ def scenario_api(context: Context) -> Section:
         table.rows.append([label, f"{sizes_bytes[label] / 1024:.1f} KB", _rate(series.median), _rate(series.low),
                            _rate(series.high), _ms(latencies[label].median), str(errors[label]),
                            _percent(share)])
-        # The targets are /nodes and /services/ID. The list of every service is
-        # only reported: its response grows with the number of services.
+        # The targets are for /nodes and /services/ID. The list of every service has none,
+        # because its response grows with the number of services.
         if label != hello_label and not label.startswith("GET /api/v1/services ("):
             targets.append(Target(f"{label} at least 50% of hello world's requests/s",
                                   f"{_rate(series.median)} / {_rate(hello)} = {_percent(share)}",

@@ -51,7 +51,7 @@ def _spawn_posix_pipes(count: int) -> tuple[float, list[int], list[int]]:
     """
     environment = dict(os.environ)
     pids: list[int] = []
-    kept: list[int] = []
+    read_ends: list[int] = []
     started = time.perf_counter()
     for _ in range(count):
         out_read, out_write = os.pipe2(os.O_CLOEXEC)
@@ -60,9 +60,9 @@ def _spawn_posix_pipes(count: int) -> tuple[float, list[int], list[int]]:
             (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, err_write, 2)]))
         os.close(out_write)
         os.close(err_write)
-        kept += (out_read, err_read)
+        read_ends += (out_read, err_read)
     elapsed = time.perf_counter() - started
-    return elapsed, pids, kept
+    return elapsed, pids, read_ends
 
 
 def _spawn_popen(count: int, arguments: list[str]) -> tuple[float, list[subprocess.Popen]]:
@@ -181,12 +181,12 @@ def measure(method: str, count: int) -> float:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        pids, kept = [], []
+        pids, read_ends = [], []
         try:
-            elapsed, pids, kept = _spawn_posix_pipes(count)
+            elapsed, pids, read_ends = _spawn_posix_pipes(count)
         finally:
             _kill_and_reap(pids)
-            for fd in kept:
+            for fd in read_ends:
                 os.close(fd)
         return elapsed
     if method in ("popen", "popen-sh"):

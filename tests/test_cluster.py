@@ -98,8 +98,8 @@ def test_scale_up_down_and_delete(cluster: Cluster):
 def test_scale_to_zero_and_back(cluster: Cluster, etcd: EtcdProcess):
     """Scaling to 0 and deleting remove every instance record and assignment in etcd.
 
-    Both remove all instances of the service at once, which the scheduler does with
-    range deletes; the service then scales up again from its empty key ranges.
+    Both remove all instances of the service at once, so the scheduler uses range
+    deletes. The service then scales up again from its empty key ranges.
     """
     cluster.start_master()
     slaves = [cluster.start_slave("slave-1"), cluster.start_slave("slave-2")]
